@@ -1,0 +1,47 @@
+"""The few places where nnunet-ext depends on nnU-Net internals, kept in one file.
+
+Each helper names the nnU-Net behaviour it relies on, so that a change upstream breaks one function (and its
+test) instead of every trainer.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+#: Parameter names of ``build_network_architecture`` since nnU-Net 2.7. The trainer and the predictor call
+#: the new form only if a parameter named ``plans_manager`` exists.
+BUILDER_PARAMETERS = (
+    "plans_manager",
+    "configuration_manager",
+    "num_input_channels",
+    "num_output_channels",
+    "enable_deep_supervision",
+)
+
+
+def builder_signature_is_supported(builder) -> bool:
+    """True if ``builder`` has the nnU-Net >= 2.7 ``build_network_architecture`` parameters, in order."""
+    names = [p for p in inspect.signature(builder).parameters if p not in ("self", "cls")]
+    return tuple(names[: len(BUILDER_PARAMETERS)]) == BUILDER_PARAMETERS
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel and ``torch.compile`` wrappers (as nnU-Net's ``save_checkpoint`` does)."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        module = module.module
+    if isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
+def logging_dict(trainer) -> dict[str, list]:
+    """The local logger's per-epoch value lists (``LocalLogger.my_fantastic_logging`` in nnU-Net 2.8)."""
+    return trainer.logger.local_logger.my_fantastic_logging
+
+
+def torch_load_cpu(filename: str) -> dict:
+    """Load an nnU-Net checkpoint on the CPU (checkpoints hold numpy/pickled objects, hence no weights_only)."""
+    return torch.load(filename, map_location=torch.device("cpu"), weights_only=False)

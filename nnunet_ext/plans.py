@@ -1,0 +1,95 @@
+"""Per-dataset method settings stored in (derived) nnU-Net plans files.
+
+nnU-Net's predictor sees only ``plans.json``, ``dataset.json`` and the checkpoint, and calls the trainer's
+``build_network_architecture`` on the class, without a trainer instance. Settings the network depends on
+(CIML's task decomposition, CFCML's tabular schema) must therefore live in the plans. They go under the
+top-level key ``nnunet_ext`` of a derived plans file written by ``nnunet-ext configure``; nnU-Net tolerates
+extra keys and copies the plans into the results folder.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+PLANS_KEY = "nnunet_ext"
+PLANS_BLOCK_VERSION = 1
+METHOD_FAMILIES = ("ciml", "caml", "action", "cfcml")
+
+
+def _plans_dict(plans: dict | PlansManager) -> dict:
+    return plans.plans if isinstance(plans, PlansManager) else plans
+
+
+def method_settings(plans: dict | PlansManager, method: str) -> dict[str, Any]:
+    """The settings block of ``method`` in ``plans`` (a copy), or ``{}`` when the plans have none."""
+    if method not in METHOD_FAMILIES:
+        raise ValueError(f"unknown method family {method!r}; expected one of {METHOD_FAMILIES}")
+    block = _plans_dict(plans).get(PLANS_KEY, {})
+    return copy.deepcopy(block.get(method, {}))
+
+
+def merge_settings(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``defaults`` updated with ``overrides``; a key that ``defaults`` does not know is an error.
+
+    Raises:
+        KeyError: naming the unknown keys, the known ones and ``where`` the overrides came from.
+    """
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise KeyError(f"unknown setting(s) {unknown} in {where}; known settings: {sorted(defaults)}")
+    merged = dict(copy.deepcopy(defaults))
+    merged.update(copy.deepcopy(dict(overrides)))
+    return merged
+
+
+def derive_plans(plans: dict, target_identifier: str, method: str, settings: Mapping[str, Any]) -> dict:
+    """A copy of ``plans`` named ``target_identifier`` that carries ``settings`` for ``method``.
+
+    Every configuration, and so every ``data_identifier``, is kept: training with the derived plans reuses
+    the preprocessed data. ``plans_name`` must equal the file identifier because nnU-Net names the results
+    folder after it while the predictor locates that folder from ``-p``.
+    """
+    if method not in METHOD_FAMILIES:
+        raise ValueError(f"unknown method family {method!r}; expected one of {METHOD_FAMILIES}")
+    json.dumps(settings)  # fail early on settings that cannot be stored in plans.json
+    derived = copy.deepcopy(plans)
+    derived["plans_name"] = target_identifier
+    block = derived.setdefault(PLANS_KEY, {"version": PLANS_BLOCK_VERSION})
+    block["version"] = PLANS_BLOCK_VERSION
+    block[method] = copy.deepcopy(dict(settings))
+    return derived
+
+
+def write_derived_plans(
+    preprocessed_dataset_folder: str,
+    source_identifier: str,
+    target_identifier: str,
+    method: str,
+    settings: Mapping[str, Any],
+    overwrite: bool = False,
+) -> str:
+    """Write ``<target_identifier>.json`` next to the source plans; returns its path.
+
+    Raises:
+        FileNotFoundError: the source plans do not exist (plan the dataset first).
+        FileExistsError: the target exists and ``overwrite`` is False.
+        ValueError: source and target identifiers are equal (the source plans are never modified).
+    """
+    if source_identifier == target_identifier:
+        raise ValueError("the derived plans need their own identifier; the source plans are never modified")
+    source = os.path.join(preprocessed_dataset_folder, source_identifier + ".json")
+    target = os.path.join(preprocessed_dataset_folder, target_identifier + ".json")
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"plans file {source} not found; plan the dataset first (nnunet-ext plan)")
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    with open(source) as f:
+        plans = json.load(f)
+    with open(target, "w") as f:
+        json.dump(derive_plans(plans, target_identifier, method, settings), f, indent=4)
+    return target
