@@ -28,15 +28,20 @@ def trainers_dir() -> Path:
     return package_dir(TRAINERS_PACKAGE)
 
 
-def shipped_trainer_names() -> list[str]:
-    """Names of the trainer classes in the installed trainer files, read without importing them."""
-    names = []
+def shipped_trainers() -> dict[str, str]:
+    """``{trainer class name: module name}`` for the installed trainer files, read without importing them."""
+    modules = {}
     for path in sorted(trainers_dir().glob("*.py")):
         if path.name == "__init__.py":
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        names += [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
-    return names
+        modules.update({node.name: path.stem for node in tree.body if isinstance(node, ast.ClassDef)})
+    return modules
+
+
+def shipped_trainer_names() -> list[str]:
+    """Names of the trainer classes in the installed trainer files."""
+    return list(shipped_trainers())
 
 
 def ext_trainer_path(existing: str | None = None) -> str:

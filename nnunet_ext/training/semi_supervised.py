@@ -1,0 +1,44 @@
+"""Base class of the semi-supervised trainers: a second loader with augmented unlabeled patches."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from nnunet_ext.ssl.unlabeled_data import build_unlabeled_augmenter
+from nnunet_ext.training.base_trainer import ExtTrainerBase, move_to_device
+
+
+def finish_augmenter(augmenter) -> None:
+    """Stop an augmenter's worker processes (a ``SingleThreadedAugmenter`` has none)."""
+    finish = getattr(augmenter, "_finish", None)
+    if finish is not None:
+        finish()
+
+
+class ExtSemiSupervisedTrainerBase(ExtTrainerBase):
+    """Adds ``self.dataloader_unlabeled`` (patches of ``imagesUnlabeled``, nnU-Net's training augmentation, no
+    labels) next to nnU-Net's labeled loaders. Subclasses call :meth:`next_unlabeled_batch` in ``compute_loss``.
+
+    The unlabeled images must have been preprocessed with ``nnunet-ext preprocess-unlabeled`` for the trainer's
+    configuration; otherwise training stops before the first step with a message naming that command.
+
+    Class attributes:
+        unlabeled_batch_size: patches per unlabeled batch; ``None`` uses the labeled batch size (1:1).
+    """
+
+    unlabeled_batch_size: ClassVar[int | None] = None
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.dataloader_unlabeled = build_unlabeled_augmenter(self, batch_size=self.unlabeled_batch_size)
+
+    def next_unlabeled_batch(self) -> dict:
+        """``{'data': [B_U, C, *patch], 'valid': bool [B_U, 1, *patch], 'keys': [...]}`` on ``self.device``.
+
+        ``valid`` is False where the patch was padded or augmentation moved in voxels from outside the image.
+        """
+        return {k: move_to_device(v, self.device) for k, v in next(self.dataloader_unlabeled).items()}
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        finish_augmenter(getattr(self, "dataloader_unlabeled", None))
+        self.dataloader_unlabeled = None
