@@ -43,7 +43,8 @@ def unlabeled_folder(preprocessed_dataset_folder_base: str, data_identifier: str
     """Folder holding the preprocessed unlabeled cases of one data identifier.
 
     Args:
-        preprocessed_dataset_folder_base: ``nnUNet_preprocessed/<Dataset>`` (``trainer.preprocessed_dataset_folder_base``).
+        preprocessed_dataset_folder_base: ``nnUNet_preprocessed/<Dataset>``
+            (``trainer.preprocessed_dataset_folder_base``).
         data_identifier: ``configuration_manager.data_identifier``, e.g. ``nnUNetPlans_3d_fullres``.
 
     Returns:
