@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trainer for a short budget, predict the test cases, evaluate, print a table.")
     p.add_argument("--work-dir", default="demo_output", help="folder for raw/preprocessed/results (default: "
                                                              "./demo_output)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=50, help="training iterations per epoch")
     p.add_argument("--trainers", nargs="*", default=None, help="our trainers to run (default: all shipped)")
     p.add_argument("--seed", type=int, default=0, help="demo data seed")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))

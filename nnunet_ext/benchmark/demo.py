@@ -73,7 +73,7 @@ def seconds_per_iteration(fold_folder: Path, iterations: int) -> float:
     return statistics.median(durations) / iterations
 
 
-def run_demo(work_dir: str | Path, epochs: int = 3, iterations: int = 25, trainers: list[str] | None = None,
+def run_demo(work_dir: str | Path, epochs: int = 10, iterations: int = 50, trainers: list[str] | None = None,
              seed: int = 0, device: str = "cpu") -> list[dict]:
     """Run the demo and return one result row per trainer (also printed and written as a report)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
@@ -115,8 +115,9 @@ def run_demo(work_dir: str | Path, epochs: int = 3, iterations: int = 25, traine
               "-d", str(DEMO_DATASET_ID), "-c", CONFIGURATION, "-tr", budget_name, "-p", PLANS, "-f", FOLD,
               "-device", device, "--disable_tta", "-npp", "1", "-nps", "1"], train_env, log_file)
         predict_seconds = time.perf_counter() - start
-        summary = compute_metrics_on_folder_simple(str(raw / "labelsTs"), str(predictions), labels,
-                                                   num_processes=1)
+        compute_metrics_on_folder_simple(str(raw / "labelsTs"), str(predictions), labels,
+                                         output_file=str(predictions / "summary.json"), num_processes=1)
+        summary = json.loads((predictions / "summary.json").read_text())
         rows.append({
             "trainer": trainer,
             "dice_per_label": {str(k): summary["mean"][k]["Dice"] for k in summary["mean"]},

@@ -44,3 +44,18 @@ def test_report_shows_ratios_against_stock():
     assert "| XTrainer | 0.600 | 0.300 | 0.450 | 2.50 | 2.50 | 3.5 |" in report
     assert "| nnUNetTrainer | 0.500 | 0.250 | 0.375 | 1.00 | 1.00 | 3.0 |" in report
     json.dumps(rows)
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end(tmp_path):
+    """The README's main job with the smallest budget: every step through the real CLI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update({"OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg"})
+    out = subprocess.run([console_script("nnunet-ext"), "demo", "--work-dir", str(tmp_path), "--epochs", "1",
+                          "--iterations", "2"], capture_output=True, text=True, env=env, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "demo_results.json").read_text())
+    assert rows[0]["trainer"] == "nnUNetTrainer"
+    assert all(0.0 <= r["mean_dice"] <= 1.0 and r["seconds_per_iteration"] > 0 for r in rows)
+    assert "| nnUNetTrainer |" in (tmp_path / "demo_report.md").read_text()
+    assert len(list((tmp_path / "predictions" / "nnUNetTrainer_e1i2").glob("*.nii.gz"))) == 6
