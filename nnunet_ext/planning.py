@@ -163,8 +163,8 @@ def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: S
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as verify
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
-    dataset_name = convert_id_to_dataset_name(dataset_id)
     with _positive_n_proc_da():
+        dataset_name = convert_id_to_dataset_name(dataset_id)
         if verify_dataset_integrity:
             verify(join(os.environ["nnUNet_raw"], dataset_name), num_processes)
         fingerprint_file = join(os.environ["nnUNet_preprocessed"], dataset_name, "dataset_fingerprint.json")
@@ -176,7 +176,7 @@ def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: S
             overwrite_plans_name=overwrite_plans_name)
         if preprocess:
             configurations = list(DEFAULT_CONFIGURATIONS if configurations is None else configurations)
-            # nnU-Net's preprocess_dataset accepts one count per configuration, not a bare int.
+            # nnU-Net's preprocess_dataset wants one process count per configuration, not a bare int.
             plan_and_preprocess_api.preprocess_dataset(dataset_id, plans_identifier, configurations,
                                                        [num_processes] * len(configurations), verbose=verbose)
     return plans_identifier
