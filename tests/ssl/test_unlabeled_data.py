@@ -5,7 +5,6 @@ import json
 from copy import deepcopy
 from pathlib import Path
 
-import helpers_nnunet as h  # tests/ is on sys.path through tests/conftest.py
 import numpy as np
 import pytest
 import torch
@@ -146,19 +145,6 @@ def test_dataset_has_no_segmentation(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # augmenter on a planned dataset with nnU-Net's real training transforms
-
-
-@pytest.fixture(scope="session")
-def pristine_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return h.planned_tiny_root(tmp_path_factory.getbasetemp(), DATASET_ID,
-                               copy_labelled_to_unlabeled={"tr_000": "unl_copy"})
-
-
-@pytest.fixture
-def root(pristine_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h.clone_root(pristine_root, tmp_path / "root")
-    h.set_nnunet_paths(monkeypatch, tmp_path / "root", n_proc_da=0)
-    return tmp_path / "root"
 
 
 def _trainer(root: Path, configuration: str, plans_file: str = "nnUNetPlans.json"):

@@ -26,21 +26,6 @@ UNLABELED = ["unl_000", "unl_001", "unl_002", "unl_copy"]
 HINT = "nnunet-ext preprocess-unlabeled -d 990 -c 3d_fullres -p nnUNetPlans"
 
 
-@pytest.fixture(scope="session")
-def pristine_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # tr_000 (which has a zero border, so cropping matters) is also an unlabeled image under another name
-    return h.planned_tiny_root(tmp_path_factory.getbasetemp(), DATASET_ID,
-                               copy_labelled_to_unlabeled={"tr_000": "unl_copy"})
-
-
-@pytest.fixture
-def root(pristine_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private, writable copy of the planned dataset with the nnU-Net variables pointing at it."""
-    h.clone_root(pristine_root, tmp_path / "root")
-    h.set_nnunet_paths(monkeypatch, tmp_path / "root", n_proc_da=0)
-    return tmp_path / "root"
-
-
 @pytest.fixture(scope="module")
 def done(pristine_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One preprocessing run (3d_fullres + 2d) on a module-wide copy, with hashes taken before and after."""
