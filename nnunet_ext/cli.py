@@ -8,10 +8,17 @@ sub-command functions so ``nnunet-ext env`` stays instant.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
+
+# Modules that add their own sub-commands: each defines ``register(subparsers) -> None``, which adds one or more
+# parsers and sets ``func`` (a callable taking the parsed namespace and returning an exit code). Heavy imports
+# belong inside those functions, not at module level, so that ``nnunet-ext env`` stays instant.
+COMMAND_MODULES: tuple[str, ...] = (
+)
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -202,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="demo data seed")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.set_defaults(func=_cmd_demo)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
