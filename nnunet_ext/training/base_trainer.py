@@ -49,9 +49,12 @@ class ExtTrainerBase(nnUNetTrainer):
         supports_ddp: False makes ``initialize`` refuse ``-num_gpus > 1`` with a clear message.
         supports_cascade: False refuses cascade configurations (previous-stage segmentations as input).
         clip_norm: gradient clipping norm over all optimised parameters (nnU-Net: 12).
+        task_kind: ``"segmentation"`` or ``"classification"`` (sidecar classifiers such as CFCML); the demo and the
+            benchmark pick the evaluation that matches.
     """
 
     method_family: ClassVar[str] = "base"
+    task_kind: ClassVar[str] = "segmentation"
     extra_log_keys: ClassVar[tuple[str, ...]] = ()
     supports_ddp: ClassVar[bool] = False
     supports_cascade: ClassVar[bool] = False
