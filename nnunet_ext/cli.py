@@ -108,8 +108,10 @@ def _cmd_configure(args: argparse.Namespace) -> int:
 
     from nnunet_ext.plans import write_derived_plans
 
-    with open(args.config) as f:
-        settings = json.load(f)
+    settings = {}
+    if args.config is not None:
+        with open(args.config) as f:
+            settings = json.load(f)
     if not isinstance(settings, dict):
         raise SystemExit(f"{args.config}: expected a JSON object with {args.method} settings")
     folder = os.path.join(nnUNet_preprocessed.require(), maybe_convert_to_dataset_name(args.d))
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", required=True, help="dataset ID or name")
     p.add_argument("-p", default="nnUNetPlans", help="source plans identifier")
     p.add_argument("-o", default=None, help="derived plans identifier (default: <source>_<METHOD>)")
-    p.add_argument("--config", required=True, help="JSON file with the method settings")
+    p.add_argument("--config", default=None, help="JSON file with the method settings (default: the method's "
+                                                     "defaults, resolved for the dataset)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing derived plans file")
     p.set_defaults(func=_cmd_configure)
 

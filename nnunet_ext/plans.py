@@ -9,9 +9,10 @@ extra keys and copies the plans into the results folder.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -65,6 +66,27 @@ def derive_plans(plans: dict, target_identifier: str, method: str, settings: Map
     return derived
 
 
+# What a method's own ``nnunet_ext.<method>.configure.derive_plans`` receives: the source plans (a dict to copy, not
+# to modify), the target identifier, the user's settings and the dataset's nnUNet_preprocessed folder (for
+# dataset.json, sidecar files, splits). It validates and resolves the settings and returns the derived plans.
+PlansDeriver = Callable[[dict, str, Mapping[str, Any], str], dict]
+
+
+def method_plans_deriver(method: str) -> PlansDeriver | None:
+    """``nnunet_ext.<method>.configure.derive_plans`` when the method defines one (validation, resolved settings,
+    sidecar files), else ``None`` (settings are stored as given by :func:`derive_plans`)."""
+    if method not in METHOD_FAMILIES:
+        raise ValueError(f"unknown method family {method!r}; expected one of {METHOD_FAMILIES}")
+    module_name = f"nnunet_ext.{method}.configure"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name in (module_name, f"nnunet_ext.{method}"):
+            return None
+        raise
+    return module.derive_plans
+
+
 def write_derived_plans(
     preprocessed_dataset_folder: str,
     source_identifier: str,
@@ -74,6 +96,8 @@ def write_derived_plans(
     overwrite: bool = False,
 ) -> str:
     """Write ``<target_identifier>.json`` next to the source plans; returns its path.
+
+    The method's own :func:`method_plans_deriver` validates and resolves the settings when it exists.
 
     Raises:
         FileNotFoundError: the source plans do not exist (plan the dataset first).
@@ -90,6 +114,11 @@ def write_derived_plans(
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     with open(source) as f:
         plans = json.load(f)
+    deriver = method_plans_deriver(method)
+    if deriver is None:
+        derived = derive_plans(plans, target_identifier, method, settings)
+    else:
+        derived = deriver(plans, target_identifier, settings, preprocessed_dataset_folder)
     with open(target, "w") as f:
-        json.dump(derive_plans(plans, target_identifier, method, settings), f, indent=4)
+        json.dump(derived, f, indent=4)
     return target

@@ -96,7 +96,8 @@ def test_doctor_reports_each_trainer(tmp_path):
         assert f"ok   {name}" in out.stdout
 
 
-@pytest.mark.parametrize("argv", [["plan"], ["preprocess-unlabeled"], ["configure", "ciml", "-d", "1"], ["bogus"]])
+@pytest.mark.parametrize("argv", [["plan"], ["preprocess-unlabeled"], ["configure", "bogus", "-d", "1"],
+                                  ["configure", "ciml"], ["bogus"]])
 def test_bad_command_lines_fail_early(argv):
     out = subprocess.run([console_script("nnunet-ext"), *argv], capture_output=True, text=True)
     assert out.returncode == 2 and "usage" in out.stderr
