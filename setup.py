@@ -38,7 +38,8 @@ setup(
     ],
     extras_require={
         "ph2": ["openpyxl"],
-        "dev": ["pytest>=7", "ruff", "openpyxl"],
+        "h5": ["h5py"],
+        "dev": ["pytest>=7", "ruff", "openpyxl", "h5py"],
     },
     entry_points={"console_scripts": ["nnunet-ext = nnunet_ext.cli:main"]},
     classifiers=[
