@@ -1,0 +1,71 @@
+"""The ``nnunet-ext benchmark`` sub-command (registered through ``nnunet_ext.cli.COMMAND_MODULES``)."""
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from nnunet_ext.benchmark.budget import Budget
+    from nnunet_ext.benchmark.runner import BenchmarkError, BenchmarkSettings, run_benchmark
+
+    try:
+        settings = BenchmarkSettings(
+            dataset=args.d, output=args.output, trainers=tuple(args.trainers), configuration=args.c, plans=args.p,
+            budget=Budget(args.epochs, args.iterations, args.val_iterations), seeds=tuple(args.seeds),
+            fold=args.f, device=args.device, upper_bound_dataset=args.upper_bound_dataset,
+            extra_trainer_dirs=tuple(args.trainer_dirs), planner=args.planner,
+            final_validation=args.final_validation, tta=args.tta, da_workers=args.da_workers,
+            predict_processes=args.predict_processes, overwrite=args.overwrite,
+            heartbeat_seconds=args.heartbeat,
+        )
+        results = run_benchmark(settings)
+    except (BenchmarkError, ValueError) as e:
+        print(f"nnunet-ext benchmark: error: {e}")
+        return 2
+    print()
+    print((settings.output / "report.md").read_text())
+    return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "benchmark", help="train stock nnU-Net and other trainers with one budget and seeds, evaluate the test split",
+        description="Train stock nnUNetTrainer (always, the baseline) and the given trainers with the same budget, "
+                    "plans and seeds (nnUNetv2_train in child processes), predict the dataset's imagesTs with "
+                    "nnUNetv2_predict, evaluate against labelsTs (Dice per class, HD95 in mm), measure seconds per "
+                    "iteration, peak memory and inference time, and write results.json, report.md and plots into "
+                    "--output. Re-running completes a benchmark; finished runs are skipped. Exit code 1 if a run "
+                    "failed (it is in the report with its log tail), 2 for bad inputs.")
+    p.add_argument("-d", required=True, help="dataset ID or name (in nnUNet_raw, with imagesTs/labelsTs)")
+    p.add_argument("-c", default="3d_fullres", help="configuration (default: 3d_fullres)")
+    p.add_argument("-p", default="nnUNetCPUPlans", help="plans identifier (default: nnUNetCPUPlans)")
+    p.add_argument("-f", default="all", help="fold: 'all' (default; all labeled cases train, the test split "
+                                             "evaluates) or a number (needs splits_final.json or >= 5 cases)")
+    p.add_argument("--trainers", nargs="*", default=[], help="trainers besides stock nnUNetTrainer (classification "
+                                                             "trainers are skipped with a note)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")
+    p.add_argument("--iterations", type=int, default=50, help="training iterations per epoch (default: 50)")
+    p.add_argument("--val-iterations", type=int, default=5, help="validation iterations per epoch (default: 5)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; one run per trainer and seed "
+                                                                     "(default: 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--output", default="benchmark_output", help="output folder (default: ./benchmark_output)")
+    p.add_argument("--upper-bound-dataset", default=None,
+                   help="dataset with the same test cases and all training cases labeled: stock nnUNetTrainer is "
+                        "also trained there ('stock, all labeled') and the report states the gap bound")
+    p.add_argument("--trainer-dirs", nargs="*", default=[], help="further folders with trainer files (added to "
+                                                                 "nnUNet_extTrainer)")
+    p.add_argument("--planner", default=None, help="plan datasets whose plans are missing with this planner (e.g. "
+                                                   "CPUPlanner); default: stop with the command to run")
+    p.add_argument("--final-validation", action="store_true",
+                   help="keep nnU-Net's final validation after training (skipped by default: the benchmark evaluates "
+                        "the test split, and with fold 'all' it would predict every training case)")
+    p.add_argument("--tta", action="store_true", help="test-time mirroring when predicting (off by default: about 8x "
+                                                      "slower in 3D on a CPU)")
+    p.add_argument("--da-workers", type=int, default=None,
+                   help="nnUNet_n_proc_DA for training (default: 0 on cpu, which makes seeded runs reproducible; "
+                        "nnU-Net's default on cuda)")
+    p.add_argument("--predict-processes", type=int, default=1, help="-npp/-nps of nnUNetv2_predict (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="delete and redo the requested runs (never without it)")
+    p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between progress lines while a step runs")
+    p.set_defaults(func=_cmd_benchmark)

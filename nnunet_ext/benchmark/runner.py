@@ -1,0 +1,627 @@
+"""``nnunet-ext benchmark``: stock nnU-Net and other trainers on one dataset, budget, seeds and test split.
+
+For every (trainer, seed) the stock command lines run in child processes, each wrapped by
+:mod:`nnunet_ext.benchmark.measure` (same entry point, plus time and peak memory):
+
+``nnUNetv2_train DATASET CONFIG FOLD -tr <Trainer>_e{E}i{I}s{S} -p PLANS -device DEV`` ->
+``nnUNetv2_predict -i imagesTs ... -chk checkpoint_final.pth`` -> evaluation against ``labelsTs`` (nnU-Net's Dice,
+MedPy's HD95) -> ``results.json``, ``report.md`` and PNG plots in the output folder.
+
+Layout of the output folder (the user's ``nnUNet_raw``/``nnUNet_preprocessed`` are read; trained models go to the
+output folder's own ``nnUNet_results``)::
+
+    OUTPUT/budget_trainers/nnunet_ext_budget_trainers.py     generated budget/seed trainers
+    OUTPUT/nnUNet_results/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
+    OUTPUT/runs/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
+        run.json  train.log  train_stats.json  predict.log  predict_stats.json  predictions/  evaluation.json
+    OUTPUT/logs/   OUTPUT/plots/   OUTPUT/results.json   OUTPUT/report.md
+
+Re-running skips every finished step (checkpoint_final, all predictions, evaluation); a failed run is retried
+and, if it fails again, reported with its log tail. ``--overwrite`` deletes the folders of the requested runs
+first; nothing is deleted without it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nnunet_ext.benchmark.budget import STOCK_TRAINER, Budget, write_benchmark_trainers
+from nnunet_ext.discovery import ENV_VAR, ext_trainer_path
+
+RESULTS_FORMAT = 1
+LOG_TAIL_LINES = 40
+
+
+class BenchmarkError(RuntimeError):
+    """A problem with the inputs of a benchmark, found before any run starts."""
+
+
+@dataclass
+class BenchmarkSettings:
+    """Everything that defines a benchmark (see ``nnunet-ext benchmark --help``)."""
+
+    dataset: str
+    output: Path
+    trainers: tuple[str, ...] = ()
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetCPUPlans"
+    budget: Budget = field(default_factory=lambda: Budget(10, 50))
+    seeds: tuple[int, ...] = (0,)
+    fold: str = "all"
+    device: str = "cpu"
+    upper_bound_dataset: str | None = None
+    extra_trainer_dirs: tuple[Path, ...] = ()
+    planner: str | None = None
+    final_validation: bool = False
+    tta: bool = False
+    da_workers: int | None = None
+    predict_processes: int = 1
+    overwrite: bool = False
+    heartbeat_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output).resolve()
+        self.trainers = tuple(self.trainers)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.extra_trainer_dirs = tuple(Path(d).resolve() for d in self.extra_trainer_dirs)
+        if self.fold != "all":
+            try:
+                if int(self.fold) < 0:
+                    raise ValueError
+            except ValueError:
+                raise BenchmarkError(f"fold must be 'all' or a non-negative integer, got {self.fold!r}") from None
+        if self.device not in ("cpu", "cuda", "mps"):
+            raise BenchmarkError(f"device must be cpu, cuda or mps, got {self.device!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise BenchmarkError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
+        if self.da_workers is not None and self.da_workers < 0:
+            raise BenchmarkError(f"da_workers must be >= 0, got {self.da_workers}")
+        if self.predict_processes < 1:
+            raise BenchmarkError(f"predict_processes must be >= 1, got {self.predict_processes}")
+        for folder in self.extra_trainer_dirs:
+            if not folder.is_dir():
+                raise BenchmarkError(f"trainer folder {folder} does not exist")
+
+
+class Progress:
+    """Prints each step with the time elapsed since the benchmark started."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        print(f"[{int(elapsed // 60):3d}:{elapsed % 60:04.1f}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    raw: Path
+    preprocessed: Path
+    dataset_json: dict
+    test_images: Path
+    test_labels: Path
+    test_cases: tuple[str, ...]
+    image_cases: tuple[str, ...]
+
+
+def _env_folder(var: str) -> Path:
+    value = os.environ.get(var)
+    if not value:
+        raise BenchmarkError(f"{var} is not set: the benchmark reads the dataset from nnUNet_raw and its plans from "
+                             f"nnUNet_preprocessed (trained models go to OUTPUT/nnUNet_results)")
+    return Path(value)
+
+
+def _channel_count(dataset_json: dict) -> int:
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not channels:
+        raise BenchmarkError("dataset.json has neither channel_names nor modality")
+    return len(channels)
+
+
+def resolve_dataset(dataset: str) -> DatasetInfo:
+    """Find a dataset and check its held-out test split (``imagesTs`` + ``labelsTs``).
+
+    Raises:
+        BenchmarkError: unknown dataset, missing test folders, a label without its images (named).
+    """
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    raw_base, preprocessed_base = _env_folder("nnUNet_raw"), _env_folder("nnUNet_preprocessed")
+    try:
+        name = str(maybe_convert_to_dataset_name(dataset))
+    except (RuntimeError, ValueError) as e:
+        raise BenchmarkError(f"dataset {dataset!r}: {e}") from e
+    raw = raw_base / name
+    if not (raw / "dataset.json").is_file():
+        raise BenchmarkError(f"{raw / 'dataset.json'} not found (convert the dataset into nnUNet_raw first)")
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    images, labels = raw / "imagesTs", raw / "labelsTs"
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise BenchmarkError(f"{folder} does not exist: the benchmark evaluates on the dataset's held-out test "
+                                 f"split (imagesTs + labelsTs)")
+    cases = tuple(sorted(p.name[:-len(ending)] for p in labels.iterdir() if p.name.endswith(ending)))
+    if not cases:
+        raise BenchmarkError(f"{labels} holds no segmentation ending in {ending}")
+    n_channels = _channel_count(dataset_json)
+    missing = [f"{case}_{c:04d}{ending}" for case in cases for c in range(n_channels)
+               if not (images / f"{case}_{c:04d}{ending}").is_file()]
+    if missing:
+        raise BenchmarkError(f"{len(missing)} test image file(s) missing in {images} (expected {n_channels} "
+                             f"channel(s) per case in labelsTs): {missing[:10]}")
+    suffix = f"_0000{ending}"
+    image_cases = tuple(sorted(p.name[:-len(suffix)] for p in images.iterdir() if p.name.endswith(suffix)))
+    return DatasetInfo(name, raw, preprocessed_base / name, dataset_json, images, labels, cases, image_cases)
+
+
+def check_same_test_cases(main: DatasetInfo, other: DatasetInfo) -> None:
+    """The upper-bound dataset must have exactly the same test cases and reference segmentations.
+
+    Raises:
+        BenchmarkError: different case names or a different reference segmentation (named).
+    """
+    import numpy as np
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    if main.test_cases != other.test_cases:
+        only_main = sorted(set(main.test_cases) - set(other.test_cases))
+        only_other = sorted(set(other.test_cases) - set(main.test_cases))
+        raise BenchmarkError(f"the upper-bound dataset {other.name} must have the same test cases as {main.name}; "
+                             f"only in {main.name}: {only_main[:10]}, only in {other.name}: {only_other[:10]}")
+    ending = main.dataset_json["file_ending"]
+    reader = determine_reader_writer_from_dataset_json(main.dataset_json, str(main.test_labels /
+                                                                              f"{main.test_cases[0]}{ending}"))()
+    for case in main.test_cases:
+        a, _ = reader.read_seg(str(main.test_labels / f"{case}{ending}"))
+        b, _ = reader.read_seg(str(other.test_labels / f"{case}{other.dataset_json['file_ending']}"))
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise BenchmarkError(f"test case {case}: the reference segmentation differs between {main.name} and "
+                                 f"{other.name}")
+
+
+def _plan_command(dataset: str, settings: BenchmarkSettings) -> list[str]:
+    return [sys.executable, "-m", "nnunet_ext.cli", "plan", "-d", dataset, "-pl", settings.planner,
+            "-c", settings.configuration, "-np", "2"]
+
+
+def ensure_plans(info: DatasetInfo, settings: BenchmarkSettings, env: dict, progress: Progress) -> Path:
+    """The plans file with the configuration and its preprocessed data; plans with ``settings.planner`` if absent.
+
+    Raises:
+        BenchmarkError: plans/configuration/preprocessed data missing (with the command that makes them).
+    """
+    plans_file = info.preprocessed / f"{settings.plans}.json"
+    if not plans_file.is_file() and settings.planner is not None:
+        cmd = _plan_command(info.name, settings)
+        progress(f"planning {info.name}: {shlex.join(cmd)}")
+        if _run_logged(cmd, env, settings.output / "logs" / f"plan_{info.name}.log", progress, settings) != 0:
+            raise BenchmarkError(f"planning failed, see {settings.output / 'logs' / f'plan_{info.name}.log'}")
+    hint = (f"nnunet-ext plan -d {info.name} -pl CPUPlanner -c {settings.configuration}"
+            if settings.plans == "nnUNetCPUPlans" else
+            f"nnUNetv2_plan_and_preprocess -d {info.name} -c {settings.configuration}")
+    if not plans_file.is_file():
+        raise BenchmarkError(f"plans {plans_file} not found; plan the dataset first ({hint}) or pass --planner")
+    plans = json.loads(plans_file.read_text())
+    configuration = plans.get("configurations", {}).get(settings.configuration)
+    if configuration is None:
+        raise BenchmarkError(f"configuration {settings.configuration!r} is not in {plans_file}; available: "
+                             f"{sorted(plans.get('configurations', {}))}")
+    data_identifier = configuration.get("data_identifier")
+    if data_identifier is None:  # inheriting configurations take it from their parent
+        parent = plans["configurations"].get(configuration.get("inherits_from", ""), {})
+        data_identifier = parent.get("data_identifier")
+    data_folder = info.preprocessed / str(data_identifier)
+    if not data_folder.is_dir() or not any(data_folder.iterdir()):
+        raise BenchmarkError(f"preprocessed data {data_folder} is missing; preprocess the configuration "
+                             f"({hint})")
+    return plans_file
+
+
+# ---------------------------------------------------------------------------------------------- child processes
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+    except OSError:
+        return ""
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _run_logged(cmd: list[str], env: dict, log_file: Path, progress: Progress, settings: BenchmarkSettings) -> int:
+    """Run ``cmd`` with output appended to ``log_file``; prints the log's last line every heartbeat."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as log:
+        log.write(f"+ {shlex.join(cmd)}\n")
+        log.flush()
+        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                try:
+                    return process.wait(timeout=settings.heartbeat_seconds)
+                except subprocess.TimeoutExpired:
+                    progress(f"  ... running ({log_file.name}): {_last_line(log_file)[:150]}")
+        except BaseException:  # Ctrl-C: stop our child, then re-raise
+            process.terminate()
+            process.wait()
+            raise
+
+
+def child_environment(settings: BenchmarkSettings) -> dict[str, str]:
+    """Environment for planning/preprocessing children: the user's, our trainers, results in OUTPUT."""
+    env = dict(os.environ)
+    env["nnUNet_results"] = str(settings.output / "nnUNet_results")
+    env[ENV_VAR] = os.pathsep.join([ext_trainer_path(env.get(ENV_VAR)), *map(str, settings.extra_trainer_dirs),
+                                    str(settings.output / "budget_trainers")])
+    env["MPLBACKEND"] = "Agg"
+    env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net 2.8.1 planning; set for training only
+    return env
+
+
+def training_environment(settings: BenchmarkSettings, base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    if settings.da_workers is not None:
+        env["nnUNet_n_proc_DA"] = str(settings.da_workers)
+    elif settings.device == "cpu":
+        # augmentation in the main process: reproducible with a seed, and the right choice on few CPU cores
+        env["nnUNet_n_proc_DA"] = "0"
+    elif "nnUNet_n_proc_DA" in os.environ:
+        env["nnUNet_n_proc_DA"] = os.environ["nnUNet_n_proc_DA"]
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    role: str                 # baseline | method | upper_bound
+    label: str
+    trainer: str
+    budget_trainer: str
+    dataset: DatasetInfo
+    seed: int
+
+    def key(self, settings: BenchmarkSettings) -> str:
+        return f"{self.dataset.name}/{self.budget_trainer}__{settings.plans}__{settings.configuration}/" \
+               f"fold_{settings.fold}"
+
+    def run_dir(self, settings: BenchmarkSettings) -> Path:
+        return settings.output / "runs" / self.key(settings)
+
+    def fold_dir(self, settings: BenchmarkSettings) -> Path:
+        return settings.output / "nnUNet_results" / self.key(settings)
+
+
+def _settings_key(settings: BenchmarkSettings) -> dict:
+    """Settings that change a run's outputs without changing its folder name."""
+    return {"device": settings.device, "tta": settings.tta, "final_validation": settings.final_validation}
+
+
+def _commands(run: Run, settings: BenchmarkSettings, plans_file: Path) -> dict:
+    run_dir = run.run_dir(settings)
+    train = [run.dataset.name, settings.configuration, settings.fold, "-tr", run.budget_trainer, "-p", settings.plans,
+             "-device", settings.device]
+    predict = ["-i", str(run.dataset.test_images), "-o", str(run_dir / "predictions"), "-d", run.dataset.name,
+               "-c", settings.configuration, "-tr", run.budget_trainer, "-p", settings.plans, "-f", settings.fold,
+               "-device", settings.device, "-chk", "checkpoint_final.pth",
+               "-npp", str(settings.predict_processes), "-nps", str(settings.predict_processes)]
+    if not settings.tta:
+        predict.append("--disable_tta")
+    measure = [sys.executable, "-m", "nnunet_ext.benchmark.measure"]
+    return {
+        "train_args": train, "predict_args": predict,
+        "train": shlex.join(["nnUNetv2_train", *train]),
+        "predict": shlex.join(["nnUNetv2_predict", *predict]),
+        "train_measured": [*measure, "--stats", str(run_dir / "train_stats.json"), "train", "--", *train],
+        "predict_measured": [*measure, "--stats", str(run_dir / "predict_stats.json"), "predict", "--", *predict],
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fail(record: dict, step: str, error: str, log_file: Path) -> dict:
+    tail = log_tail(log_file)
+    last = [line for line in tail.splitlines() if line.strip()]
+    record.update(status="failed", failed_step=step, log_file=str(log_file), log_tail=tail,
+                  error=error + (f": {last[-1].strip()}" if last else ""))
+    return record
+
+
+def _training_record(run: Run, settings: BenchmarkSettings) -> dict:
+    import torch
+
+    from nnunet_ext.benchmark.report import seconds_per_iteration
+
+    checkpoint = torch.load(run.fold_dir(settings) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logging = checkpoint["logging"]
+    timing = seconds_per_iteration(logging, settings.budget.iterations)
+    stats = _read_json(run.run_dir(settings) / "train_stats.json") or {}
+    curves = {k: [float(v) for v in logging.get(k, [])]
+              for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")}
+    return {
+        "seconds_per_iteration": timing["value"], "epochs_timed": timing["epochs_timed"],
+        "warmup_excluded": timing["warmup_excluded"], "epochs": len(curves["train_losses"]),
+        "wall_seconds": stats.get("wall_seconds"), "peak_rss_mb": stats.get("peak_rss_mb"),
+        "maxrss_self_mb": stats.get("maxrss_self_mb"), "maxrss_children_mb": stats.get("maxrss_children_mb"),
+        "cuda_max_memory_allocated_mb": stats.get("cuda_max_memory_allocated_mb"),
+        "curves": curves,
+    }
+
+
+def _predictions_complete(run: Run, settings: BenchmarkSettings) -> bool:
+    stats = _read_json(run.run_dir(settings) / "predict_stats.json")
+    ending = run.dataset.dataset_json["file_ending"]
+    folder = run.run_dir(settings) / "predictions"
+    return bool(stats) and stats.get("returncode") == 0 and \
+        all((folder / f"{case}{ending}").is_file() for case in run.dataset.test_cases)
+
+
+def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: dict, train_env: dict,
+                progress: Progress) -> dict:
+    """Train, predict and evaluate one run, skipping finished steps; returns its ``results.json`` record."""
+    from nnunet_ext.benchmark.metrics import evaluate_folder
+
+    run_dir, fold_dir = run.run_dir(settings), run.fold_dir(settings)
+    name = f"{run.label} [{run.dataset.name}] seed {run.seed}"
+    previous = _read_json(run_dir / "run.json")
+    if previous is not None and previous.get("settings_key") != _settings_key(settings):
+        raise BenchmarkError(f"{run_dir} was made with other settings ({previous.get('settings_key')} instead of "
+                             f"{_settings_key(settings)}); use another --output or pass --overwrite to redo it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    commands = _commands(run, settings, plans_file)
+    record = {
+        "key": run.key(settings), "role": run.role, "label": run.label, "trainer": run.trainer,
+        "budget_trainer": run.budget_trainer, "dataset": run.dataset.name, "seed": run.seed, "status": "ok",
+        "failed_step": None, "error": None, "log_file": None, "log_tail": None, "reused_steps": [],
+        "settings_key": _settings_key(settings),
+        "commands": {"train": commands["train"], "predict": commands["predict"],
+                     "train_measured": shlex.join(commands["train_measured"]),
+                     "predict_measured": shlex.join(commands["predict_measured"]),
+                     "environment": {k: train_env.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed",
+                                                                    "nnUNet_results", ENV_VAR, "nnUNet_n_proc_DA")}},
+        "paths": {"run": str(run_dir), "model": str(fold_dir), "predictions": str(run_dir / "predictions")},
+        "training": None, "inference": None, "evaluation": None,
+    }
+
+    def finish(rec: dict) -> dict:
+        (run_dir / "run.json").write_text(json.dumps(rec, indent=2))
+        if rec["status"] != "ok":
+            progress(f"FAILED {name}: {rec['failed_step']}: {rec['error']} (log: {rec['log_file']})")
+        return rec
+
+    # training
+    if (fold_dir / "checkpoint_final.pth").is_file():
+        progress(f"{name}: training finished earlier, reusing {fold_dir}")
+        record["reused_steps"].append("training")
+    else:
+        progress(f"{name}: training: {commands['train']}")
+        log = run_dir / "train.log"
+        code = _run_logged(commands["train_measured"], train_env, log, progress, settings)
+        if code != 0 or not (fold_dir / "checkpoint_final.pth").is_file():
+            return finish(_fail(record, "training", f"nnUNetv2_train exited with code {code}", log))
+    record["training"] = _training_record(run, settings)
+    progress(f"{name}: {record['training']['seconds_per_iteration'] or math.nan:.3f} s/iteration, peak memory "
+             f"{record['training']['peak_rss_mb'] or math.nan:.0f} MB")
+
+    # prediction of the test split
+    if _predictions_complete(run, settings):
+        progress(f"{name}: predictions exist, reusing")
+        record["reused_steps"].append("prediction")
+    else:
+        progress(f"{name}: predicting {len(run.dataset.image_cases)} test case(s): {commands['predict']}")
+        log = run_dir / "predict.log"
+        code = _run_logged(commands["predict_measured"], train_env, log, progress, settings)
+        if code != 0 or not _predictions_complete(run, settings):
+            return finish(_fail(record, "prediction", f"nnUNetv2_predict exited with code {code}", log))
+    stats = _read_json(run_dir / "predict_stats.json") or {}
+    seconds = stats.get("predict_from_files_seconds")
+    record["inference"] = {
+        "seconds_per_case": None if seconds is None else seconds / max(1, len(run.dataset.image_cases)),
+        "n_cases": len(run.dataset.image_cases), "predict_from_files_seconds": seconds,
+        "wall_seconds": stats.get("wall_seconds"), "peak_rss_mb": stats.get("peak_rss_mb"),
+    }
+
+    # evaluation against labelsTs
+    evaluation_file = run_dir / "evaluation.json"
+    stats_file = run_dir / "predict_stats.json"
+    if evaluation_file.is_file() and evaluation_file.stat().st_mtime >= stats_file.stat().st_mtime:
+        record["evaluation"] = _read_json(evaluation_file)
+        record["reused_steps"].append("evaluation")
+    if record["evaluation"] is None:
+        try:
+            record["evaluation"] = evaluate_folder(run.dataset.test_labels, run_dir / "predictions",
+                                                   run.dataset.raw / "dataset.json", plans_file, evaluation_file)
+        except Exception as e:  # reported like a crashed step, not hidden
+            (run_dir / "evaluation.log").write_text(f"{type(e).__name__}: {e}\n")
+            return finish(_fail(record, "evaluation", f"{type(e).__name__}: {e}", run_dir / "evaluation.log"))
+    progress(f"{name}: mean Dice {record['evaluation']['foreground_mean']['Dice']:.4f}, inference "
+             f"{record['inference']['seconds_per_case'] or math.nan:.2f} s/case")
+    return finish(record)
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("nnunet-ext", "nnunetv2", "torch", "medpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def _select_trainers(settings: BenchmarkSettings, progress: Progress) -> tuple[list[str], list[dict], bool]:
+    """Stock first, then the requested segmentation trainers; classification trainers are excluded."""
+    from nnunet_ext.benchmark.trainer_info import trainer_traits
+
+    selected, excluded, needs_unlabeled = [STOCK_TRAINER], [], False
+    for trainer in dict.fromkeys(settings.trainers):
+        if trainer == STOCK_TRAINER:
+            continue
+        try:
+            traits = trainer_traits(trainer, settings.extra_trainer_dirs)
+        except ValueError as e:
+            raise BenchmarkError(str(e)) from e
+        if traits.task_kind != "segmentation":
+            reason = (f"task_kind = {traits.task_kind!r}: not evaluated by a segmentation benchmark "
+                      f"(classification trainers report case-level metrics, see their documentation)")
+            progress(f"excluding {trainer}: {reason}")
+            excluded.append({"trainer": trainer, "reason": reason})
+            continue
+        selected.append(trainer)
+        needs_unlabeled |= traits.semi_supervised
+    return selected, excluded, needs_unlabeled
+
+
+def _prepare_output(settings: BenchmarkSettings, runs: Sequence[Run], progress: Progress) -> None:
+    settings.output.mkdir(parents=True, exist_ok=True)
+    if settings.overwrite:
+        for run in runs:
+            for folder in (run.run_dir(settings), run.fold_dir(settings)):
+                if folder.exists():
+                    progress(f"--overwrite: deleting {folder}")
+                    shutil.rmtree(folder)
+
+
+def run_benchmark(settings: BenchmarkSettings) -> dict:
+    """Run (or complete) the benchmark and write ``results.json``, ``report.md`` and ``plots/``.
+
+    Returns:
+        The results dictionary (also in ``OUTPUT/results.json``).
+
+    Raises:
+        BenchmarkError: bad inputs, found before any training starts.
+    """
+    from nnunet_ext.benchmark.budget import budget_trainer_name
+
+    progress = Progress()
+    info = resolve_dataset(settings.dataset)
+    upper = None
+    if settings.upper_bound_dataset is not None:
+        upper = resolve_dataset(settings.upper_bound_dataset)
+        if upper.name == info.name:
+            raise BenchmarkError("--upper-bound-dataset must be another dataset (all training cases labeled)")
+        check_same_test_cases(info, upper)
+    progress(f"dataset {info.name}: {len(info.test_cases)} test case(s) in {info.test_labels}")
+    trainers, excluded, needs_unlabeled = _select_trainers(settings, progress)
+    settings.output.mkdir(parents=True, exist_ok=True)
+    env = child_environment(settings)
+    plans_files = {info.name: ensure_plans(info, settings, env, progress)}
+    if upper is not None:
+        plans_files[upper.name] = ensure_plans(upper, settings, env, progress)
+    if needs_unlabeled:
+        if not (info.raw / "imagesUnlabeled").is_dir():
+            raise BenchmarkError(f"semi-supervised trainer(s) requested but {info.raw / 'imagesUnlabeled'} does not "
+                                 f"exist; add the unlabeled images there (named like imagesTr)")
+        cmd = [sys.executable, "-m", "nnunet_ext.cli", "preprocess-unlabeled", "-d", info.name,
+               "-c", settings.configuration, "-p", settings.plans, "-np", "2"]
+        progress(f"preprocessing unlabeled images (cases done earlier are skipped): {shlex.join(cmd)}")
+        log = settings.output / "logs" / f"preprocess_unlabeled_{info.name}.log"
+        if _run_logged(cmd, env, log, progress, settings) != 0:
+            raise BenchmarkError(f"nnunet-ext preprocess-unlabeled failed:\n{log_tail(log)}\n(see {log})")
+
+    budget_dir = settings.output / "budget_trainers"
+    names = write_benchmark_trainers(budget_dir, trainers, settings.budget, settings.seeds,
+                                     skip_final_validation=not settings.final_validation,
+                                     extra_trainer_dirs=settings.extra_trainer_dirs)
+    runs = []
+    for seed in settings.seeds:
+        for trainer in trainers:
+            role = "baseline" if trainer == STOCK_TRAINER else "method"
+            runs.append(Run(role, trainer, trainer, names[(trainer, seed)], info, seed))
+        if upper is not None:
+            runs.append(Run("upper_bound", "stock, all labeled", STOCK_TRAINER,
+                            budget_trainer_name(STOCK_TRAINER, settings.budget.epochs, settings.budget.iterations,
+                                                seed), upper, seed))
+    _prepare_output(settings, runs, progress)
+    train_env = training_environment(settings, env)
+    records = []
+    for i, run in enumerate(runs, 1):
+        progress(f"run {i}/{len(runs)}: {run.label} [{run.dataset.name}] seed {run.seed}")
+        records.append(execute_run(run, settings, plans_files[run.dataset.name], env, train_env, progress))
+
+    results = {
+        "format": RESULTS_FORMAT,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {
+            "dataset": settings.dataset, "dataset_name": info.name, "configuration": settings.configuration,
+            "plans": settings.plans, "fold": settings.fold, "device": settings.device,
+            "budget": asdict(settings.budget), "seeds": list(settings.seeds), "trainers": trainers,
+            "upper_bound_dataset": settings.upper_bound_dataset,
+            "upper_bound_dataset_name": None if upper is None else upper.name,
+            "test_images": str(info.test_images), "test_labels": str(info.test_labels), "tta": settings.tta,
+            "final_validation": settings.final_validation,
+            "nnUNet_n_proc_DA": train_env.get("nnUNet_n_proc_DA"),
+            "extra_trainer_dirs": [str(d) for d in settings.extra_trainer_dirs],
+            "output": str(settings.output), "versions": _versions(), "command": " ".join(sys.argv),
+        },
+        "labels": _labels(info, records),
+        "n_test_cases": len(info.test_cases),
+        "excluded_trainers": excluded,
+        "runs": records,
+    }
+    write_outputs(results, settings.output)
+    failed = [r for r in records if r["status"] != "ok"]
+    progress(f"done: {len(records) - len(failed)}/{len(records)} run(s) finished; "
+             f"report {settings.output / 'report.md'}")
+    return results
+
+
+def _labels(info: DatasetInfo, records: Sequence[dict]) -> dict[str, str]:
+    """``{label key: name}`` as in the evaluation (from any evaluated run, else from dataset.json)."""
+    for record in records:
+        if record.get("evaluation"):
+            return dict(record["evaluation"]["labels"])
+    labels = {str(v): k for k, v in info.dataset_json["labels"].items() if k != "background" and k != "ignore"}
+    return labels
+
+
+def write_outputs(results: dict, output: Path) -> None:
+    """``results.json``, ``plots/*.png`` and ``report.md`` (derived files, regenerated on every invocation)."""
+    from nnunet_ext.benchmark.plots import plot_dice_bars, plot_training_curves, safe_file_name
+    from nnunet_ext.benchmark.report import format_report, summarise
+
+    plots_dir = output / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    rows = [r for r in summarise(results["runs"], list(results["labels"])) if r["seeds_ok"]]
+    if rows:
+        plots["Dice per class"] = str(plot_dice_bars(rows, results["labels"], plots_dir / "dice_per_class.png")
+                                      .relative_to(output))
+    for run in results["runs"]:
+        if run.get("training"):
+            title = f"{run['label']} [{run['dataset']}] seed {run['seed']}"
+            path = plots_dir / f"curves_{safe_file_name(run['dataset'] + '_' + run['budget_trainer'])}.png"
+            plots[f"training curves: {title}"] = str(plot_training_curves(run["training"]["curves"], title, path)
+                                                    .relative_to(output))
+    results["plots"] = plots
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    (output / "report.md").write_text(format_report(results))
