@@ -18,6 +18,9 @@ from collections.abc import Sequence
 # parsers and sets ``func`` (a callable taking the parsed namespace and returning an exit code). Heavy imports
 # belong inside those functions, not at module level, so that ``nnunet-ext env`` stays instant.
 COMMAND_MODULES: tuple[str, ...] = (
+    "nnunet_ext.conversion.commands",
+    "nnunet_ext.benchmark.commands",
+    "nnunet_ext.cfcml.commands",
 )
 
 
