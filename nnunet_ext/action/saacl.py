@@ -1,0 +1,131 @@
+"""ACTION++: supervised adaptive anatomical contrast (SAACL) with fixed, evenly spread class centres.
+
+You et al., "ACTION++: Improving Semi-supervised Medical Image Segmentation with Adaptive Anatomical Contrast",
+MICCAI 2023 (arXiv 2304.02689), section 2.2 and spec 8.2. The official code loads the centres from
+``optimal_{C}_{D}.npy`` files that are not shipped; for K <= d + 1 classes the optimum of the uniformity objective
+is a regular simplex, built here in closed form.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def simplex_centres(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """``num_classes`` unit vectors in R^dim with pairwise cosine -1/(K-1) (a regular simplex), ``[K, dim]`` fp32.
+
+    Centred one-hot vectors span a (K-1)-dimensional subspace; their coordinates in an orthonormal basis of that
+    subspace are mapped into R^dim by a seeded random orthonormal map, so the result is deterministic per seed.
+
+    Raises:
+        ValueError: if ``num_classes > dim + 1`` (no simplex fits; the centres would have to be optimised).
+    """
+    if num_classes < 1 or dim < 1:
+        raise ValueError(f"need num_classes >= 1 and dim >= 1, got {num_classes}, {dim}")
+    if num_classes > dim + 1:
+        raise ValueError(f"{num_classes} evenly spread centres need dim >= {num_classes - 1}, got dim={dim}; "
+                         f"increase the representation dimension")
+    generator = torch.Generator().manual_seed(seed)
+    if num_classes == 1:
+        return F.normalize(torch.randn(1, dim, generator=generator, dtype=torch.float64), dim=1).float()
+    centred = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
+    # orthonormal basis of the subspace orthogonal to the all-ones vector
+    basis, _ = torch.linalg.qr(centred)
+    basis = basis[:, : num_classes - 1]
+    coordinates = centred @ basis                                         # [K, K-1]
+    embedding, _ = torch.linalg.qr(torch.randn(dim, num_classes - 1, generator=generator, dtype=torch.float64))
+    return F.normalize(coordinates @ embedding.T, dim=1).float()         # [K, dim]
+
+
+class AdaptiveCentreAllocator(nn.Module):
+    """Fixed centres psi and EMA class centroids phi; classes are assigned to centres by the Hungarian method.
+
+    ``phi_c <- normalise(m * phi_c + (1 - m) * normalise(batch mean_c))`` for classes present in the batch
+    (``m = 0.9``), then ``pi* = argmin_perm sum_c -phi_c . psi_pi(c)`` (SciPy ``linear_sum_assignment``, imported
+    lazily). Buffers: ``centres`` ``[K, d]``, ``centroids`` ``[K, d]`` (zeros until a class is seen).
+    """
+
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.9, seed: int = 0):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"centroid momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("centres", simplex_centres(num_classes, dim, seed))
+        self.register_buffer("centroids", torch.zeros(num_classes, dim))
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """EMA of the normalised class means of ``features`` ``[n, d]`` with ``labels`` ``[n]`` (-1 ignored)."""
+        features = F.normalize(features.detach().float(), dim=1)
+        for c in torch.unique(labels[labels >= 0]).tolist():
+            mean = F.normalize(features[labels == c].mean(0), dim=0)
+            self.centroids[c] = F.normalize(self.momentum * self.centroids[c] + (1 - self.momentum) * mean, dim=0)
+
+    @torch.no_grad()
+    def assignment(self) -> torch.Tensor:
+        """``[K]`` long: the centre index assigned to each class (maximum total centroid-centre similarity)."""
+        from scipy.optimize import linear_sum_assignment
+
+        cost = -(self.centroids.float() @ self.centres.float().T).cpu().numpy()
+        rows, cols = linear_sum_assignment(cost)
+        result = torch.empty(len(rows), dtype=torch.long)
+        result[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+        return result.to(self.centres.device)
+
+
+class SupervisedAnatomicalContrastLoss(nn.Module):
+    """SAACL (ACTION++ eq. 3-4) on sampled labelled voxels, in fp32.
+
+    For voxel i with student feature f_i, label y_i: positives are the teacher feature at the same voxel, queue
+    entries of class y_i and (weighted by ``anchor_weight``) the assigned centre nu_i; the softmax runs over
+    [teacher feature, all valid queue entries, all centres] at temperature tau:
+
+        L_i = -[ sum_{f+} log softmax(f_i . f+ / tau) + lambda_a log softmax(f_i . nu_i / tau) ] / #positives_i
+
+    with #positives_i = 1 + |queue entries of class y_i| (feature positives). Queue entries labelled -1 (empty)
+    are excluded. Features are L2-normalised here.
+
+    Args:
+        anchor_weight: lambda_a (0.2, paper and 3D code).
+        temperature: tau_sa (0.07); may be overridden per call (ACTION++'s temperature schedule).
+    """
+
+    def __init__(self, anchor_weight: float = 0.2, temperature: float = 0.07):
+        super().__init__()
+        if anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {anchor_weight}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.anchor_weight = anchor_weight
+        self.temperature = temperature
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                queue_features: torch.Tensor, queue_labels: torch.Tensor, centres: torch.Tensor,
+                assignment: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Shapes: student/teacher ``[n, d]``, labels ``[n]`` (>= 0), queue ``[Q, d]`` + ``[Q]``, centres ``[K, d]``,
+        assignment ``[K]`` (class -> centre). Returns a scalar (0 with gradient path when n = 0)."""
+        tau = self.temperature if temperature is None else temperature
+        if not tau > 0:
+            raise ValueError(f"temperature must be positive, got {tau}")
+        if student.shape != teacher.shape or student.shape[0] != labels.shape[0]:
+            raise ValueError(f"student {tuple(student.shape)}, teacher {tuple(teacher.shape)} and labels "
+                             f"{tuple(labels.shape)} must agree")
+        if student.shape[0] == 0:
+            return student.float().sum() * 0
+        f = F.normalize(student.float(), dim=1)
+        t = F.normalize(teacher.detach().float(), dim=1)
+        queue = F.normalize(queue_features.detach().float(), dim=1)
+        centres = F.normalize(centres.detach().float(), dim=1)
+        labels = labels.long()
+        logit_teacher = (f * t).sum(1, keepdim=True) / tau                     # [n, 1]
+        logit_queue = (f @ queue.T / tau).masked_fill((queue_labels < 0).unsqueeze(0), float("-inf"))
+        logit_centres = f @ centres.T / tau                                    # [n, K]
+        log_prob = F.log_softmax(torch.cat([logit_teacher, logit_queue, logit_centres], 1), dim=1)
+        n_queue = queue.shape[0]
+        same_class = (queue_labels.unsqueeze(0) == labels.unsqueeze(1)).float()  # [n, Q]
+        positives_queue = (log_prob[:, 1:1 + n_queue].masked_fill(same_class == 0, 0.0)).sum(1)
+        centre_index = 1 + n_queue + assignment[labels]
+        log_centre = log_prob.gather(1, centre_index.unsqueeze(1)).squeeze(1)
+        numerator = log_prob[:, 0] + positives_queue + self.anchor_weight * log_centre
+        return (-numerator / (1.0 + same_class.sum(1))).mean()
