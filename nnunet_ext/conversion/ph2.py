@@ -23,6 +23,7 @@ DIAGNOSIS_COLUMNS = {"Common Nevus": "common_nevus", "Atypical Nevus": "atypical
 CLASS_NAMES = tuple(DIAGNOSIS_COLUMNS.values())
 IMAGE_NAME_COLUMN = "Image Name"
 LEAKY_COLUMNS = ("histological_diagnosis",)
+COLOUR_COLUMNS = ("white", "red", "light_brown", "dark_brown", "blue_gray", "black")
 
 
 def normalise_header(header: object) -> str:
@@ -70,9 +71,10 @@ def read_ph2_table(path: str | Path, include_leaky: bool = False) -> tuple[dict[
     renamed = {c: feature_name(c) for c in features_cols}
     if len(set(renamed.values())) != len(renamed):
         raise ConversionError(f"{path}: feature columns collide after renaming: {renamed}")
-    # Columns whose only non-empty value is X are presence flags (the six colours): empty means absent, not missing.
-    flags = {c for c in features_cols
-             if table[c].dropna().map(lambda v: str(v).strip().upper()).isin(["X"]).all() and table[c].notna().any()}
+    # Presence flags: empty means absent, not missing. The six colours by name (a column may be empty in a subset),
+    # plus any other column whose only value is X.
+    flags = {c for c in features_cols if renamed[c] in COLOUR_COLUMNS or (
+        table[c].notna().any() and table[c].dropna().map(lambda v: str(v).strip().upper()).isin(["X"]).all())}
     keep = [c for c in features_cols if include_leaky or renamed[c] not in LEAKY_COLUMNS]
     classes: dict[str, str] = {}
     features: dict[str, dict] = {}

@@ -51,11 +51,14 @@ class CountRequest:
         if raw == ALL:
             return cls(fraction=1.0)
         try:
-            if isinstance(text, int) or raw.isdigit():
-                count = int(raw)
-                if count < 0:
-                    raise ValueError
-                return cls(count=count)
+            count = int(raw)
+        except ValueError:
+            count = None
+        if count is not None:
+            if count < 0:
+                raise SplitError(f"{option}: a count must be >= 0, got {text!r}")
+            return cls(count=count)
+        try:
             fraction = float(raw)
         except ValueError:
             raise SplitError(f"{option}: expected a count (e.g. 20), a fraction in (0, 1] (e.g. 0.1) or 'all', "

@@ -170,6 +170,13 @@ def convert_volume_cases(cases: Mapping[str, VolumeCase], *, raw_root: Path, dat
         labelled = sorted(c for c, case in cases.items() if case.has_label)
         if not labelled:
             raise ConversionError(f"none of the {len(cases)} cases in {', '.join(map(str, sources))} has a label")
+        unlabelled_test = sorted(set(fixed_test or ()) - set(labelled))
+        if unlabelled_test:
+            where = cases[unlabelled_test[0]].where
+            raise ConversionError(f"missing label: test case {unlabelled_test[0]} ({where}) has no label; test "
+                                  f"cases need one ({len(unlabelled_test)} such case(s))")
+        if fixed_train is not None:  # listed training images without a label are unlabeled images
+            fixed_train = [c for c in fixed_train if c in set(labelled)]
         split = make_split(labelled, labeled=labeled, test=test, seed=seed, fixed_test=fixed_test,
                            fixed_train=fixed_train, unlabeled_only=sorted(set(cases) - set(labelled)),
                            previous=load_split_file(split_file) if split_file else None)
