@@ -1,0 +1,55 @@
+"""``nnunet-ext predict-cls`` and ``nnunet-ext evaluate-cls`` (registered through ``COMMAND_MODULES``)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _cmd_predict_cls(args: argparse.Namespace) -> int:
+    from nnunet_ext.cfcml.predict import predict_classification
+
+    path = predict_classification(args.i, args.t, args.o, args.d, args.c, args.f, trainer=args.tr, plans=args.p,
+                                  checkpoint_name=args.chk, device=args.device,
+                                  allow_missing_tabular=args.allow_missing_tabular)
+    print(f"Class probabilities written to {path}")
+    return 0
+
+
+def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
+    from nnunet_ext.cfcml.metrics import evaluate_predictions_csv
+
+    metrics = evaluate_predictions_csv(args.predictions, args.labels)
+    text = json.dumps(metrics, indent=2, default=float)
+    if args.o:
+        with open(args.o, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict-cls", help="case-level class probabilities from trained CFCML folds (CSV)",
+        description="Preprocess each case like training, take the centred patch, average the softmax over folds "
+                    "and write one row per case: case_id, prediction, prob_<class>...")
+    p.add_argument("-i", required=True, help="folder with images named like imagesTr (<case>_<XXXX><ending>)")
+    p.add_argument("-t", default=None, help="tabular CSV with a row per case (default: the dataset's tabular.csv)")
+    p.add_argument("-o", required=True, help="output CSV (must not exist)")
+    p.add_argument("-d", required=True, help="dataset ID or name")
+    p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    p.add_argument("-f", nargs="+", default=["0"], help="folds to ensemble (default: 0)")
+    p.add_argument("-tr", default="CFCMLTrainer", help="trainer class name (default: CFCMLTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (e.g. the one from configure cfcml)")
+    p.add_argument("-chk", default="checkpoint_final.pth",
+                   help="checkpoint file name (e.g. checkpoint_best_cls.pth)")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--allow-missing-tabular", action="store_true",
+                   help="cases without a tabular row get all fields missing instead of an error")
+    p.set_defaults(func=_cmd_predict_cls)
+
+    p = subparsers.add_parser("evaluate-cls", help="classification metrics of a predict-cls CSV against labels",
+                              description="AUC, balanced accuracy, accuracy, F1, per-class sensitivity/specificity.")
+    p.add_argument("predictions", help="CSV from predict-cls or validation_cls.csv")
+    p.add_argument("labels", help="CSV with case_id and label columns (e.g. tabular.csv)")
+    p.add_argument("-o", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=_cmd_evaluate_cls)
