@@ -13,8 +13,8 @@ def resolve_stage_epochs(stage_epochs: Sequence[int], num_epochs: int) -> tuple[
     """Epochs of stages (i, ii, iii) for a run of ``num_epochs``.
 
     ``stage_epochs`` is used as given when it sums to ``num_epochs``; otherwise it is read as proportions and
-    scaled (largest remainder) so that any nnU-Net budget, e.g. a 10-epoch demo trainer, keeps the schedule's
-    shape. Zero-length stages are allowed (e.g. an ablation without stage ii).
+    scaled (largest remainder, ties to later stages) so that any nnU-Net budget, e.g. a 10-epoch demo trainer,
+    keeps the schedule's shape. Zero-length stages are allowed (e.g. an ablation without stage ii).
 
     Raises:
         ValueError: wrong length, negative entries, all zero, or ``num_epochs < 1``.

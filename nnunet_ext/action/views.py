@@ -61,11 +61,11 @@ class StudentPerturbation:
         spatial_dims = tuple(range(2, x.ndim))
         view = (b,) + (1,) * (x.ndim - 1)
         apply = torch.rand(3, b) < self.p
-        gain = torch.where(apply[0].to(device), _uniform(b, *self.brightness, device), torch.ones(b, device=device))
-        out = x * gain.view(view).to(x.dtype)
-        factor = torch.where(apply[1].to(device), _uniform(b, *self.contrast, device), torch.ones(b, device=device))
+        gain = _uniform(b, *self.brightness, device).view(view).to(x.dtype)
+        out = torch.where(apply[0].to(device).view(view), x * gain, x)
+        factor = _uniform(b, *self.contrast, device).view(view).to(x.dtype)
         mean = out.mean(dim=spatial_dims, keepdim=True)
-        out = (out - mean) * factor.view(view).to(x.dtype) + mean
+        out = torch.where(apply[1].to(device).view(view), (out - mean) * factor + mean, out)
         sigmas = _uniform(b, *self.blur_sigma, torch.device("cpu"))
         blurred = [gaussian_blur(out[i], float(sigmas[i])) if apply[2, i] else out[i] for i in range(b)]
         return torch.stack(blurred)

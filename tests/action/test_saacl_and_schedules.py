@@ -1,0 +1,134 @@
+"""ACTION++ (simplex centres, Hungarian allocation, SAACL, temperature schedule) and the stage schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from nnunet_ext.action.saacl import AdaptiveCentreAllocator, SupervisedAnatomicalContrastLoss, simplex_centres
+from nnunet_ext.action.schedules import (
+    StagePolyLRScheduler,
+    cosine_temperature,
+    resolve_stage_epochs,
+    stage_of_epoch,
+    stage_starts,
+)
+
+
+@pytest.mark.parametrize("k, d", [(2, 2), (3, 128), (4, 3), (5, 16), (14, 128)])
+def test_simplex_centres_are_evenly_spread_unit_vectors(k, d):
+    centres = simplex_centres(k, d, seed=3)
+    assert centres.shape == (k, d)
+    assert torch.allclose(centres.norm(dim=1), torch.ones(k), atol=1e-5)
+    cosine = centres @ centres.T
+    off_diagonal = cosine[~torch.eye(k, dtype=torch.bool)]
+    assert torch.allclose(off_diagonal, torch.full_like(off_diagonal, -1 / (k - 1)), atol=1e-5)
+    assert torch.equal(centres, simplex_centres(k, d, seed=3))
+    assert not torch.allclose(centres, simplex_centres(k, d, seed=4))
+
+
+def test_simplex_needs_enough_dimensions():
+    with pytest.raises(ValueError, match="dim >= 4"):
+        simplex_centres(5, 3)
+    assert torch.allclose(simplex_centres(1, 4).norm(), torch.tensor(1.0))
+
+
+def test_hungarian_assignment_recovers_a_permutation_of_the_centres():
+    allocator = AdaptiveCentreAllocator(4, 8, momentum=0.0)
+    permutation = torch.tensor([2, 0, 3, 1])
+    features = allocator.centres[permutation].repeat_interleave(5, 0) + 0.01 * torch.randn(20, 8)
+    labels = torch.arange(4).repeat_interleave(5)
+    allocator.update(features, labels)
+    assert allocator.assignment().tolist() == permutation.tolist()
+
+
+def test_centroid_ema_and_unseen_classes():
+    allocator = AdaptiveCentreAllocator(3, 4, momentum=0.9)
+    allocator.update(torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([0]))
+    assert torch.allclose(allocator.centroids[0], torch.tensor([1.0, 0, 0, 0]))
+    allocator.update(torch.tensor([[0, 1.0, 0, 0]]), torch.tensor([0]))
+    assert torch.allclose(allocator.centroids[0], F.normalize(torch.tensor([0.9, 0.1, 0, 0]), dim=0))
+    assert torch.equal(allocator.centroids[1:], torch.zeros(2, 4))
+    with pytest.raises(ValueError):
+        AdaptiveCentreAllocator(3, 4, momentum=1.0)
+
+
+def test_saacl_known_value():
+    # one voxel of class 0; queue: one entry of class 0, one of class 1, one empty; two centres
+    f = torch.tensor([[1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0]])
+    queue = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]])
+    queue_labels = torch.tensor([0, 1, -1])
+    centres = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    assignment = torch.tensor([1, 0])  # class 0 -> centre 1 = [1, 0]
+    tau, lam = 0.5, 0.2
+    loss = SupervisedAnatomicalContrastLoss(anchor_weight=lam, temperature=tau)(
+        f, t, torch.tensor([0]), queue, queue_labels, centres, assignment)
+    logits = torch.tensor([0.0, 1.0, -1.0, 0.0, 1.0]) / tau  # teacher, queue (2 valid), centres
+    log_p = F.log_softmax(logits, 0)
+    expected = -(log_p[0] + log_p[1] + lam * log_p[4]) / 2
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_saacl_gradients_only_reach_the_student_and_empty_input_is_zero():
+    torch.manual_seed(0)
+    s = torch.randn(6, 4, requires_grad=True)
+    t = torch.randn(6, 4, requires_grad=True)
+    loss = SupervisedAnatomicalContrastLoss()(s, t, torch.randint(0, 3, (6,)), torch.randn(5, 4),
+                                              torch.randint(-1, 3, (5,)), simplex_centres(3, 4),
+                                              torch.tensor([0, 1, 2]), temperature=0.3)
+    loss.backward()
+    assert s.grad is not None and t.grad is None and torch.isfinite(loss)
+    empty = SupervisedAnatomicalContrastLoss()(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0),
+                                               torch.randn(5, 4), torch.zeros(5), simplex_centres(3, 4),
+                                               torch.arange(3))
+    assert float(empty) == 0.0
+    with pytest.raises(ValueError):
+        SupervisedAnatomicalContrastLoss(anchor_weight=-1.0)
+
+
+def test_cosine_temperature_schedule():
+    assert cosine_temperature(0, 100, 0.1, 1.0) == pytest.approx(1.0)
+    assert cosine_temperature(50, 100, 0.1, 1.0) == pytest.approx(0.1)
+    assert cosine_temperature(100, 100, 0.1, 1.0) == pytest.approx(1.0)
+    assert cosine_temperature(25, 100, 0.1, 1.0) == pytest.approx(0.55)
+    with pytest.raises(ValueError):
+        cosine_temperature(0, 0, 0.1, 1.0)
+    with pytest.raises(ValueError):
+        cosine_temperature(0, 10, 1.0, 0.1)
+
+
+@pytest.mark.parametrize("stage_epochs, num_epochs, expected", [
+    ((100, 100, 800), 1000, (100, 100, 800)),
+    ((100, 100, 800), 10, (1, 1, 8)),
+    ((100, 100, 800), 3, (0, 0, 3)),
+    ((1, 1, 1), 5, (1, 2, 2)),  # ties go to the later stages (stage iii matters most)
+    ((0, 1, 3), 8, (0, 2, 6)),
+])
+def test_resolve_stage_epochs(stage_epochs, num_epochs, expected):
+    resolved = resolve_stage_epochs(stage_epochs, num_epochs)
+    assert resolved == expected and sum(resolved) == num_epochs
+
+
+@pytest.mark.parametrize("stage_epochs", [(1, 2), (-1, 1, 1), (0, 0, 0)])
+def test_resolve_stage_epochs_rejects_bad_values(stage_epochs):
+    with pytest.raises(ValueError, match="stage_epochs"):
+        resolve_stage_epochs(stage_epochs, 10)
+
+
+def test_stage_of_epoch_and_restarted_poly_lr():
+    epochs = (2, 0, 3)
+    assert [stage_of_epoch(e, epochs) for e in range(6)] == [0, 0, 2, 2, 2, 2]
+    assert stage_starts(epochs) == (0, 2, 2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = StagePolyLRScheduler(optimizer, 0.01, epochs)
+    lrs = []
+    for epoch in range(5):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == lrs[2] == 0.01  # restart at each stage
+    assert lrs[1] == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert lrs[2] > lrs[3] > lrs[4] > 0
+    assert math.isclose(scheduler.get_last_lr()[0], lrs[-1])
