@@ -126,6 +126,7 @@ class CIMLTrainerBase(ExtTrainerBase):
                                 "kl_total": float(np.nansum(means)) if means else 0.0,
                                 "kl_pairs": dict(zip(names, means))})
         if self.local_rank == 0:
+            os.makedirs(self.output_folder, exist_ok=True)
             with open(os.path.join(self.output_folder, self.kl_log_file), "w") as f:
                 json.dump(self.kl_history, f, indent=1)
 
