@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,14 +54,21 @@ def _label_kwargs(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace, convert: Callable[[], Path]) -> int:
     """Run ``convert`` and turn input errors into a one-line message and exit code 2."""
-    from nnunet_ext.conversion.common import ConversionError
+    from nnunet_ext.conversion.common import ConversionError, ConversionWarning
     from nnunet_ext.conversion.splits import SplitError
 
-    try:
-        folder = convert()
-    except (ConversionError, SplitError, FileExistsError) as e:
-        print(f"nnunet-ext convert {args.layout}: error: {e}")
-        return 2
+    prefix = f"nnunet-ext convert {args.layout}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConversionWarning)
+        try:
+            folder = convert()
+        except (ConversionError, SplitError, FileExistsError) as e:
+            print(f"{prefix}: error: {e}")
+            return 2
+        finally:  # one readable line per warning instead of Python's file:line format
+            for w in caught:
+                kind = "" if issubclass(w.category, ConversionWarning) else f"{w.category.__name__}: "
+                print(f"{prefix}: warning: {kind}{w.message}", file=sys.stderr)
     print(f"Dataset written to {folder}  (split in {folder / 'split.json'})")
     return 0
 

@@ -153,6 +153,9 @@ class DatasetWriter:
         """Write ``dataset.json`` and ``split.json``, run nnU-Net's integrity check, move into place."""
         from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
+        if len(split.labeled) < 5:
+            warn(f"only {len(split.labeled)} labelled training case(s): nnU-Net's default 5-fold cross-validation "
+                 f"needs 5 (train fold 'all' or provide splits_final.json)")
         content = dict(dataset_json)
         content["numTraining"] = len(split.labeled)
         content["file_ending"] = self.file_ending

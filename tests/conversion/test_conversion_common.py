@@ -6,6 +6,7 @@ import pytest
 
 from nnunet_ext.conversion.common import (
     ConversionError,
+    ConversionWarning,
     DatasetWriter,
     LabelConverter,
     dataset_folder_name,
@@ -100,7 +101,8 @@ def _tiny_dataset(writer: DatasetWriter) -> Split:
 def test_writer_refuses_overwrite_and_keeps_old_data_on_failure(tmp_path):
     dataset_json = {"name": "T", "channel_names": {"0": "x"}, "labels": {"background": 0}}
     with DatasetWriter(tmp_path, 7, "T") as writer:
-        first = writer.finish(dataset_json, _tiny_dataset(writer))
+        with pytest.warns(ConversionWarning, match="only 1 labelled training case"):
+            first = writer.finish(dataset_json, _tiny_dataset(writer))
     assert (first / "dataset.json").is_file() and (first / "split.json").is_file()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # staging folder moved away
     with pytest.raises(FileExistsError, match="--overwrite"):
