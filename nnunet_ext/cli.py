@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "nnunet_ext.conversion.commands",
     "nnunet_ext.benchmark.commands",
     "nnunet_ext.cfcml.commands",
+    "nnunet_ext.ciml.commands",
 )
 
 
