@@ -46,8 +46,13 @@ def _run(cmd: list[str], env: dict[str, str], log_file: Path) -> None:
 
 
 def default_demo_trainers() -> list[str]:
-    """Our main trainers (variants, whose names contain '_', are for benchmarks and ablations)."""
-    return [name for name in shipped_trainer_names() if "_" not in name]
+    """Our main segmentation trainers: variants (names with '_') are for benchmarks and ablations, and
+    classification trainers (``task_kind == "classification"``, e.g. CFCML) have no segmentation to evaluate.
+    Each class is loaded through nnU-Net's own lookup to read ``task_kind``."""
+    from nnunet_ext.benchmark.trainer_info import trainer_traits
+
+    return [name for name in shipped_trainer_names()
+            if "_" not in name and trainer_traits(name).task_kind == "segmentation"]
 
 
 def demo_environment(work: Path, budget_dir: Path) -> dict[str, str]:

@@ -18,11 +18,14 @@ runs unchanged. The stats file is written even when the command fails:
   child.
 * ``cuda_max_memory_allocated_mb``: ``torch.cuda.max_memory_allocated`` (CUDA runs only).
 * ``predict_from_files_seconds``: time inside nnU-Net's ``nnUNetPredictor.predict_from_files`` (preprocessing,
-  sliding window, export of all cases; without interpreter start and model loading).
+  sliding window, export of all cases, worker start-up; without interpreter start and model loading);
+  ``network_seconds``: time inside ``predict_logits_from_preprocessed_data`` (the sliding-window network
+  prediction of each case, the part a trainer can change), summed over cases (``network_seconds_calls``).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -110,21 +113,29 @@ class TreeMemorySampler:
             self.sample()
 
 
-def _timed_predict_from_files(stats: dict) -> None:
-    """Wrap nnU-Net's ``predict_from_files`` to time the prediction of all cases."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+def _time_method(cls: type, method: str, stats: dict, key: str) -> None:
+    """Accumulate the wall time of ``cls.method`` into ``stats[key]`` (and count the calls in ``key + '_calls'``)."""
+    original = getattr(cls, method)
 
-    original = nnUNetPredictor.predict_from_files
-
+    # nnU-Net reads predict_from_files' own parameters through inspect.signature: functools.wraps keeps them
+    @functools.wraps(original)
     def timed(self, *args, **kwargs):
         start = time.perf_counter()
         try:
             return original(self, *args, **kwargs)
         finally:
-            stats["predict_from_files_seconds"] = stats.get("predict_from_files_seconds", 0.0) + \
-                time.perf_counter() - start
+            stats[key] = stats.get(key, 0.0) + time.perf_counter() - start
+            stats[key + "_calls"] = stats.get(key + "_calls", 0) + 1
 
-    nnUNetPredictor.predict_from_files = timed
+    setattr(cls, method, timed)
+
+
+def _time_prediction(stats: dict) -> None:
+    """Time nnU-Net's whole prediction of the input folder and, per case, the network part (sliding window)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    _time_method(nnUNetPredictor, "predict_from_files", stats, "predict_from_files_seconds")
+    _time_method(nnUNetPredictor, "predict_logits_from_preprocessed_data", stats, "network_seconds")
 
 
 def run_measured(tool: str, args: list[str], stats_file: str | os.PathLike, interval: float = 0.5) -> int:
@@ -148,7 +159,7 @@ def run_measured(tool: str, args: list[str], stats_file: str | os.PathLike, inte
             else:
                 from nnunetv2.inference.predict_from_raw_data import predict_entry_point as entry
 
-                _timed_predict_from_files(stats)
+                _time_prediction(stats)
                 sys.argv = ["nnUNetv2_predict", *args]
             try:
                 entry()

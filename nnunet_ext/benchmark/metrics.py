@@ -92,9 +92,16 @@ def summarise_values(values: Sequence[float]) -> dict[str, float | int]:
     return {"mean": mean, "n_finite": int(finite.size), "n_nan": n_nan, "n_inf": n_inf}
 
 
+def _plain(label_or_region) -> int | tuple[int, ...]:
+    """A label as ``int`` or a region as a tuple of ``int`` (nnU-Net's label manager hands out NumPy integers)."""
+    if isinstance(label_or_region, (list, tuple, np.ndarray)):
+        return tuple(int(v) for v in label_or_region)
+    return int(label_or_region)
+
+
 def _label_key(label_or_region) -> str:
     # the same keys as nnU-Net's summary.json (str of the label or of the region tuple)
-    return str(label_or_region)
+    return str(_plain(label_or_region))
 
 
 def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,
@@ -136,9 +143,8 @@ def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str 
     reader = determine_reader_writer_from_dataset_json(dataset_json, str(references[0]))()
     label_manager = PlansManager(str(plans_file)).get_label_manager(dataset_json)
     labels = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
-    names = {v if isinstance(v, int) else tuple(v): k for k, v in dataset_json["labels"].items()}
-    label_names = {_label_key(lab): str(names.get(lab if isinstance(lab, int) else tuple(lab), lab))
-                   for lab in labels}
+    names = {_plain(v): k for k, v in dataset_json["labels"].items()}
+    label_names = {_label_key(lab): str(names.get(_plain(lab), _label_key(lab))) for lab in labels}
 
     per_case = []
     for reference in references:

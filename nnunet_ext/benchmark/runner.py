@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,7 +195,8 @@ def check_same_test_cases(main: DatasetInfo, other: DatasetInfo) -> None:
 
 
 def _plan_command(dataset: str, settings: BenchmarkSettings) -> list[str]:
-    return [sys.executable, "-m", "nnunet_ext.cli", "plan", "-d", dataset, "-pl", settings.planner,
+    dataset_id = dataset[len("Dataset"):len("Dataset") + 3]  # `nnunet-ext plan -d` takes the numeric ID
+    return [sys.executable, "-m", "nnunet_ext.cli", "plan", "-d", dataset_id, "-pl", settings.planner,
             "-c", settings.configuration, "-np", "2"]
 
 
@@ -208,8 +210,9 @@ def ensure_plans(info: DatasetInfo, settings: BenchmarkSettings, env: dict, prog
     if not plans_file.is_file() and settings.planner is not None:
         cmd = _plan_command(info.name, settings)
         progress(f"planning {info.name}: {shlex.join(cmd)}")
-        if _run_logged(cmd, env, settings.output / "logs" / f"plan_{info.name}.log", progress, settings) != 0:
-            raise BenchmarkError(f"planning failed, see {settings.output / 'logs' / f'plan_{info.name}.log'}")
+        log = settings.output / "logs" / f"plan_{info.name}.log"
+        if _run_logged(cmd, env, log, progress, settings) != 0:
+            raise BenchmarkError(f"planning failed:\n{log_tail(log)}\n(see {log})")
     hint = (f"nnunet-ext plan -d {info.name} -pl CPUPlanner -c {settings.configuration}"
             if settings.plans == "nnUNetCPUPlans" else
             f"nnUNetv2_plan_and_preprocess -d {info.name} -c {settings.configuration}")
@@ -349,7 +352,7 @@ def _fail(record: dict, step: str, error: str, log_file: Path) -> dict:
     tail = log_tail(log_file)
     last = [line for line in tail.splitlines() if line.strip()]
     record.update(status="failed", failed_step=step, log_file=str(log_file), log_tail=tail,
-                  error=error + (f": {last[-1].strip()}" if last else ""))
+                  error=error + (f": {last[-1].strip()}" if last and last[-1].strip() not in error else ""))
     return record
 
 
@@ -440,10 +443,12 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
         if code != 0 or not _predictions_complete(run, settings):
             return finish(_fail(record, "prediction", f"nnUNetv2_predict exited with code {code}", log))
     stats = _read_json(run_dir / "predict_stats.json") or {}
-    seconds = stats.get("predict_from_files_seconds")
+    seconds, network = stats.get("predict_from_files_seconds"), stats.get("network_seconds")
+    n_images = len(run.dataset.image_cases)
     record["inference"] = {
-        "seconds_per_case": None if seconds is None else seconds / max(1, len(run.dataset.image_cases)),
-        "n_cases": len(run.dataset.image_cases), "predict_from_files_seconds": seconds,
+        "seconds_per_case": None if seconds is None else seconds / max(1, n_images),
+        "network_seconds_per_case": None if network is None else network / max(1, stats["network_seconds_calls"]),
+        "n_cases": n_images, "predict_from_files_seconds": seconds, "network_seconds": network,
         "wall_seconds": stats.get("wall_seconds"), "peak_rss_mb": stats.get("peak_rss_mb"),
     }
 
@@ -458,7 +463,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
             record["evaluation"] = evaluate_folder(run.dataset.test_labels, run_dir / "predictions",
                                                    run.dataset.raw / "dataset.json", plans_file, evaluation_file)
         except Exception as e:  # reported like a crashed step, not hidden
-            (run_dir / "evaluation.log").write_text(f"{type(e).__name__}: {e}\n")
+            (run_dir / "evaluation.log").write_text(traceback.format_exc())
             return finish(_fail(record, "evaluation", f"{type(e).__name__}: {e}", run_dir / "evaluation.log"))
     progress(f"{name}: mean Dice {record['evaluation']['foreground_mean']['Dice']:.4f}, inference "
              f"{record['inference']['seconds_per_case'] or math.nan:.2f} s/case")
