@@ -1,0 +1,123 @@
+"""CAMLTrainer end to end through the real nnU-Net CLI, each step in a fresh process.
+
+``nnunet-ext plan`` (CPU plans) -> ``nnunet-ext preprocess-unlabeled`` -> ``nnUNetv2_train -tr CAMLTrainer_smoke``
+-> ``--c`` -> ``nnUNetv2_predict`` (nothing CAML-specific) -> nnU-Net's evaluation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
+from helpers_nnunet import make_tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+DATASET = 995
+NAME = "CamlE2E"
+TRAINER = "CAMLTrainer_smoke"
+PLANS = "nnUNetCPUPlans"
+LOG_KEYS = ("caml_l_sup", "caml_l_c", "caml_l_o", "caml_ramp", "caml_occ_rows", "caml_mem_classes")
+
+
+def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def train_cmd(*extra: str) -> list[str]:
+    return [console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+            "-device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e_caml")
+    env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
+    make_tiny_dataset(root / "nnUNet_raw", dataset_id=DATASET, name=NAME, n_labelled=8, n_unlabeled=4,
+                      shape=(24, 28, 32))
+    run([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
+         "-np", "1"], env)
+    train_env = {**env, "nnUNet_n_proc_DA": "0"}
+    # without preprocessed unlabeled images training must stop with a message naming the command
+    missing = subprocess.run(train_cmd(), env=train_env, capture_output=True, text=True, timeout=900)
+    run([console_script("nnunet-ext"), "preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_fullres",
+         "-p", PLANS], env)
+    run(train_cmd(), train_env)
+    fold = root / "nnUNet_results" / f"Dataset{DATASET:03d}_{NAME}" / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
+    return {"root": root, "env": train_env, "fold": fold, "missing": missing}
+
+
+def test_missing_unlabeled_data_is_a_clear_error(trained):
+    missing = trained["missing"]
+    assert missing.returncode != 0
+    assert "nnunet-ext preprocess-unlabeled" in missing.stdout + missing.stderr
+
+
+def test_checkpoint_holds_stock_network_and_caml_state(trained):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    fold = trained["fold"]
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    extra = checkpoint["nnunet_ext"]
+    assert extra["family"] == "caml"
+    modules = {k.split(".", 1)[0] for k in extra["state"]["extra_modules"]}
+    assert modules == {"net_a", "heads"}
+    bank = extra["state"]["occ"]["memory_bank"]
+    assert len(bank["features"]) > 0 and all(len(v) == 3 for v in bank["counts"].values())
+    # network_weights are the vanilla model only: they load strictly into stock nnU-Net's network
+    plans = PlansManager(json.loads((fold.parent / "plans.json").read_text()))
+    configuration = plans.get_configuration("3d_fullres")
+    stock = nnUNetTrainer.build_network_architecture(plans, configuration, 2, 3, enable_deep_supervision=False)
+    stock.load_state_dict(checkpoint["network_weights"], strict=True)
+    logging = checkpoint["logging"]
+    for key in LOG_KEYS:
+        assert len(logging[key]) == 2 and all(math.isfinite(v) for v in logging[key]), key
+    assert logging["caml_mem_classes"][-1] >= 1  # OCC was active
+    assert (fold / "validation" / "summary.json").exists()
+
+
+def test_resume_with_c_keeps_memory_bank_and_models(trained):
+    fold = trained["fold"]
+    before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    run(train_cmd("--c"), trained["env"])
+    after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for name, tensor in before["nnunet_ext"]["state"]["extra_modules"].items():
+        assert torch.equal(tensor, after["nnunet_ext"]["state"]["extra_modules"][name]), name
+    bank_before = before["nnunet_ext"]["state"]["occ"]["memory_bank"]
+    bank_after = after["nnunet_ext"]["state"]["occ"]["memory_bank"]
+    assert bank_before["counts"] == bank_after["counts"]
+    for key, blocks in bank_before["features"].items():
+        assert all(torch.equal(a, b) for a, b in zip(blocks, bank_after["features"][key])), key
+    assert after["current_epoch"] == before["current_epoch"]
+
+
+def test_predict_in_fresh_process_and_evaluate(trained):
+    root, env = trained["root"], trained["env"]
+    raw = root / "nnUNet_raw" / f"Dataset{DATASET:03d}_{NAME}"
+    splits = json.loads((root / "nnUNet_preprocessed" / f"Dataset{DATASET:03d}_{NAME}" / "splits_final.json")
+                        .read_text())
+    val_cases = splits[0]["val"]
+    inputs, gt = root / "predict_in", root / "predict_gt"
+    inputs.mkdir()
+    gt.mkdir()
+    for case in val_cases:
+        for image in raw.glob(f"imagesTr/{case}_*.nii.gz"):
+            (inputs / image.name).symlink_to(image)
+        (gt / f"{case}.nii.gz").symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
+    out = root / "predict_out"
+    run([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
+         "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
+         "-npp", "1", "-nps", "1"], env)
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in val_cases)
+    run([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2"}
+    assert all(0.0 <= summary["mean"][k]["Dice"] <= 1.0 or math.isnan(summary["mean"][k]["Dice"])
+               for k in summary["mean"])

@@ -1,0 +1,20 @@
+"""Test-only CAML trainers with a tiny budget, found by nnU-Net through the test trainers folder."""
+import torch
+
+from nnunet_ext_trainers.caml_trainers import CAMLTrainer
+
+
+class CAMLTrainer_smoke(CAMLTrainer):
+    """CAMLTrainer for 2 epochs x 2 iterations, a checkpoint every epoch; small memory sample so that OCC is
+    active on tiny patches from the first step."""
+
+    memory_per_class = 16
+    memory_cap = 64
+    num_filtered = 256
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+        self.save_every = 1
