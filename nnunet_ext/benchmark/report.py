@@ -219,6 +219,11 @@ def format_report(results: Mapping) -> str:
                 f"Stock nnU-Net with all training cases labeled (`{settings['upper_bound_dataset_name']}`) reaches "
                 f"mean Dice {gap['all_labeled']:.3f}; with the labeled cases only {gap['labeled_only']:.3f}. "
                 f"Gap bound: **{gap['points']:.1f} Dice points**, {verdict} {MIN_MEANINGFUL_GAP_POINTS:.0f}.")
+        differences = results.get("upper_bound_plans_differences")
+        if differences:
+            lines.append(f"Note: the two datasets were planned separately and their `{settings['configuration']}` "
+                         f"plans differ in {', '.join(sorted(differences))} (see results.json), so the gap also "
+                         f"reflects those differences.")
         lines.append(f"A semi-supervised comparison is meaningful only when this gap is >= "
                      f"{MIN_MEANINGFUL_GAP_POINTS:.0f} Dice points; "
                      + ("here it is." if gap and gap["meaningful"] else

@@ -194,6 +194,18 @@ def check_same_test_cases(main: DatasetInfo, other: DatasetInfo) -> None:
                                  f"{other.name}")
 
 
+def plans_differences(plans_a: Path, plans_b: Path, configuration: str) -> dict[str, list]:
+    """Configuration entries that differ between two plans files (``{key: [value_a, value_b]}``).
+
+    The upper-bound dataset is planned on its own (as stock nnU-Net would); its fingerprint has more labeled
+    cases, so patch size, spacing or batch size may differ, and the report says so next to the gap bound.
+    """
+    a = json.loads(Path(plans_a).read_text())["configurations"][configuration]
+    b = json.loads(Path(plans_b).read_text())["configurations"][configuration]
+    keys = ("patch_size", "spacing", "batch_size", "normalization_schemes", "architecture")
+    return {k: [a.get(k), b.get(k)] for k in keys if a.get(k) != b.get(k)}
+
+
 def _plan_command(dataset: str, settings: BenchmarkSettings) -> list[str]:
     dataset_id = dataset[len("Dataset"):len("Dataset") + 3]  # `nnunet-ext plan -d` takes the numeric ID
     return [sys.executable, "-m", "nnunet_ext.cli", "plan", "-d", dataset_id, "-pl", settings.planner,
@@ -590,6 +602,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         },
         "labels": _labels(info, records),
         "n_test_cases": len(info.test_cases),
+        "upper_bound_plans_differences": None if upper is None else
+        plans_differences(plans_files[info.name], plans_files[upper.name], settings.configuration),
         "excluded_trainers": excluded,
         "runs": records,
     }
