@@ -76,7 +76,7 @@ def _image_identifiers(folder: str, file_ending: str) -> list[str]:
 
     if not os.path.isdir(folder):
         return []
-    return list(get_identifiers_from_splitted_dataset_folder(folder, file_ending))
+    return [str(i) for i in get_identifiers_from_splitted_dataset_folder(folder, file_ending)]
 
 
 def preprocessed_identifiers(preprocessed_folder: str, plans: Mapping[str, Any]) -> list[str]:
@@ -86,7 +86,7 @@ def preprocessed_identifiers(preprocessed_folder: str, plans: Mapping[str, Any])
     for config in plans.get("configurations", {}).values():
         folder = os.path.join(preprocessed_folder, config.get("data_identifier", ""))
         if config.get("data_identifier") and os.path.isdir(folder) and os.listdir(folder):
-            return sorted(infer_dataset_class(folder).get_identifiers(folder))
+            return sorted(str(i) for i in infer_dataset_class(folder).get_identifiers(folder))
     return []
 
 

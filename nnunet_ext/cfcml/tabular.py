@@ -331,12 +331,12 @@ class TabularTable:
     def require(self, keys: Iterable[str], labelled: bool = False) -> None:
         """Raise naming every key without a row (or, with ``labelled``, without a label)."""
         keys = list(keys)
-        missing = sorted(k for k in keys if k not in self.rows)
+        missing = sorted(str(k) for k in keys if k not in self.rows)
         if missing:
             raise TabularDataError(f"{self.where}: no tabular row for case(s) {missing[:20]}"
                                    f"{' ...' if len(missing) > 20 else ''} ({len(missing)} of {len(keys)})")
         if labelled:
-            unlabelled = sorted(k for k in keys if self.rows[k].label < 0)
+            unlabelled = sorted(str(k) for k in keys if self.rows[k].label < 0)
             if unlabelled:
                 raise TabularDataError(f"{self.where}: training case(s) {unlabelled[:20]} have no label")
 

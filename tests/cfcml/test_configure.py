@@ -1,0 +1,100 @@
+"""``nnunet-ext configure cfcml``: validation errors before training, stratified splits, derived plans."""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+
+import pytest
+from conftest import PLANS
+
+from nnunet_ext.cfcml.tabular import TabularDataError
+from nnunet_ext.plans import write_derived_plans
+
+
+def paths(root, dataset_id=801, name="CfcmlTiny"):
+    dataset = f"Dataset{dataset_id:03d}_{name}"
+    return root / "nnUNet_raw" / dataset, root / "nnUNet_preprocessed" / dataset
+
+
+def edit_csv(path, change):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = change(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def configure(pre, settings=None, target="nnUNetCPUPlans_CFCML"):
+    return json.loads(open(write_derived_plans(str(pre), PLANS, target, "cfcml", settings or {}, True)).read())
+
+
+def test_derived_plans_block_split_and_sidecars(cfcml_root):
+    raw, pre = paths(cfcml_root)
+    source = json.loads((pre / f"{PLANS}.json").read_text())
+    plans = configure(pre)
+    assert plans["plans_name"] == "nnUNetCPUPlans_CFCML"
+    for name, config in source["configurations"].items():
+        assert plans["configurations"][name].get("data_identifier") == config.get("data_identifier")
+    block = plans["nnunet_ext"]["cfcml"]
+    assert block["schema"]["classes"] == ["atypical", "benign", "malignant"]
+    assert [f["name"] for f in block["schema"]["fields"]] == ["colour_flag", "score", "noise"]
+    settings = block["settings"]
+    assert settings["mask_free"] is False and settings["w_seg"] == 1.0
+    assert (settings["w_sam"], settings["w_up"], settings["w_cp"]) == (0.06, 0.04, 0.24)
+    assert plans["configurations"]["2d"]["batch_size"] % 3 == 0 and plans["configurations"]["2d"]["batch_size"] >= 6
+    assert (pre / "tabular.csv").read_bytes() == (raw / "tabular.csv").read_bytes()
+    splits = json.loads((pre / "splits_final.json").read_text())
+    labels = {r["case_id"]: r["label"] for r in csv.DictReader(open(raw / "tabular.csv"))}
+    assert len(splits) == 5
+    for split in splits:
+        counts = Counter(labels[c] for c in split["val"])
+        assert set(counts.values()) == {1}  # 5 cases per class over 5 folds: exactly one per class and fold
+        assert not set(split["train"]) & set(split["val"])
+
+
+def test_settings_overrides_and_unknown_keys(cfcml_root):
+    _, pre = paths(cfcml_root)
+    plans = configure(pre, {"batch_size": 9, "w_seg": 0.5, "fusion": "concat"})
+    assert plans["configurations"]["2d"]["batch_size"] == 9
+    assert plans["nnunet_ext"]["cfcml"]["settings"]["w_seg"] == 0.5
+    with pytest.raises(KeyError, match="colour"):
+        configure(pre, {"colour": 1})
+    with pytest.raises(ValueError, match="multiple of the number of classes"):
+        configure(pre, {"batch_size": 8})
+
+
+def test_mask_free_dataset_detected(cfcml_roi_root):
+    _, pre = paths(cfcml_roi_root, 802)
+    settings = configure(pre)["nnunet_ext"]["cfcml"]["settings"]
+    assert settings["mask_free"] is True and settings["w_seg"] == 0.0
+
+
+def test_tabular_json_groups_and_exclusions(cfcml_root):
+    raw, pre = paths(cfcml_root)
+    (raw / "tabular.json").write_text(json.dumps({"fields": [{"name": "noise", "exclude": True}],
+                                                  "image_groups": {"red": [0], "green_blue": [1, 2]}}))
+    block = configure(pre)["nnunet_ext"]["cfcml"]
+    assert [f["name"] for f in block["schema"]["fields"]] == ["colour_flag", "score"]
+    assert block["settings"]["image_groups"] == [[0], [1, 2]]
+    assert (pre / "tabular.json").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda rows: [r for r in rows if r["case_id"] != "tr_003"], r"no tabular row for case\(s\) \['tr_003'\]"),
+    (lambda rows: rows + [dict(rows[0], case_id="ghost")], r"row\(s\) \['ghost'\] have no image"),
+    (lambda rows: [dict(r, label="unknown") if r["case_id"] == "ts_000" else r for r in rows],
+     "'unknown' is not one of the classes"),
+    (lambda rows: [dict(r, score="") for r in rows], "'score' is empty for every training case"),
+    (lambda rows: [dict(r, label="benign") if r["label"] else r for r in rows], "at least two classes"),
+    (lambda rows: [dict(r, label="") if r["case_id"] == "tr_004" else r for r in rows],
+     r"training case\(s\) \['tr_004'\] have no label"),
+])
+def test_bad_input_is_a_clear_error_before_training(cfcml_root, change, message):
+    raw, pre = paths(cfcml_root)
+    edit_csv(raw / "tabular.csv", change)
+    with pytest.raises(TabularDataError, match=message):
+        configure(pre)
+    assert not (pre / "nnUNetCPUPlans_CFCML.json").exists()
