@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 from ciml_testing import BRATS_DATASET, LABELS_DATASET, THREE_CHANNEL_LABELS
@@ -151,3 +153,18 @@ def test_message_stage_selection(stages, num_stages, expected):
 def test_message_stage_beyond_the_plan_is_an_error():
     with pytest.raises(ValueError, match="only stages 0..2"):
         MessageConfig(stages=(3,)).stage_indices(3)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("file, dataset, expected_mode, expected_primaries", [
+    ("ciml_brats_dataset137.json", BRATS_DATASET, "regions", [3, 2, 1]),
+    ("ciml_demo.json", LABELS_DATASET, "labels", [0, 1]),
+    ("ciml_brats2018_flair_t1.json", {"channel_names": {"0": "FLAIR", "1": "T1"},
+                                      "labels": {"background": 0, "tumour": 1}}, "labels", [0]),
+])
+def test_shipped_examples_resolve(file, dataset, expected_mode, expected_primaries):
+    resolved = resolve_settings(json.loads((EXAMPLES / file).read_text()), dataset)["resolved"]
+    assert resolved["output_mode"] == expected_mode
+    assert [s["primary"] for s in resolved["subtasks"]] == expected_primaries
