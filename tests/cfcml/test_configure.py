@@ -6,10 +6,20 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import PLANS
+from cfcml_fixtures import PLANS, writable_planned_root
 
 from nnunet_ext.cfcml.tabular import TabularDataError
 from nnunet_ext.plans import write_derived_plans
+
+
+@pytest.fixture
+def cfcml_root(tmp_path_factory, tmp_path, monkeypatch):
+    return writable_planned_root(tmp_path_factory, tmp_path, monkeypatch, masks=True)
+
+
+@pytest.fixture
+def cfcml_roi_root(tmp_path_factory, tmp_path, monkeypatch):
+    return writable_planned_root(tmp_path_factory, tmp_path, monkeypatch, masks=False)
 
 
 def paths(root, dataset_id=801, name="CfcmlTiny"):

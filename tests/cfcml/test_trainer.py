@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import PLANS
+from cfcml_fixtures import PLANS, writable_planned_root
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.cfcml.tabular import fit_numeric_stats
@@ -21,6 +21,16 @@ from nnunet_ext.plans import write_derived_plans
 from nnunet_ext_trainers.cfcml_trainers import CFCMLTrainer, CFCMLTrainer_noHRM, CFCMLTrainer_tabularOnly
 
 CFCML_PLANS = "nnUNetCPUPlans_CFCML"
+
+
+@pytest.fixture
+def cfcml_root(tmp_path_factory, tmp_path, monkeypatch):
+    return writable_planned_root(tmp_path_factory, tmp_path, monkeypatch, masks=True)
+
+
+@pytest.fixture
+def cfcml_roi_root(tmp_path_factory, tmp_path, monkeypatch):
+    return writable_planned_root(tmp_path_factory, tmp_path, monkeypatch, masks=False)
 
 
 def dataset_folder(root, dataset_id):

@@ -1,4 +1,8 @@
-"""Planned tiny 2D classification datasets shared by the CFCML integration tests (built once per session)."""
+"""Planned tiny 2D classification datasets shared by the CFCML integration tests (built once per session).
+
+Not a conftest: a second ``conftest`` module would shadow ``tests/conftest.py`` for the ``from conftest import``
+of test modules collected later. Test modules define their fixtures with :func:`writable_planned_root`.
+"""
 from __future__ import annotations
 
 import shutil
@@ -48,19 +52,12 @@ def planned_classification_root(base: Path, dataset_id: int, masks: bool) -> Pat
     return _ROOTS[key]
 
 
-@pytest.fixture
-def cfcml_root(tmp_path_factory, tmp_path, monkeypatch) -> Path:
-    """A writable copy of the planned dataset 801 (lesion masks); nnU-Net variables point at it."""
-    source = planned_classification_root(tmp_path_factory.getbasetemp(), 801, masks=True)
-    root = Path(shutil.copytree(source, tmp_path / "root"))
-    set_nnunet_paths(monkeypatch, root, n_proc_da=0)
-    return root
-
-
-@pytest.fixture
-def cfcml_roi_root(tmp_path_factory, tmp_path, monkeypatch) -> Path:
-    """A writable copy of the planned mask-free dataset 802 (label map all "roi")."""
-    source = planned_classification_root(tmp_path_factory.getbasetemp(), 802, masks=False)
+def writable_planned_root(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                          monkeypatch: pytest.MonkeyPatch, masks: bool = True) -> Path:
+    """A writable copy of planned dataset 801 (lesion masks) or 802 (mask-free, label map all "roi");
+    nnU-Net's variables point at it (``nnUNet_n_proc_DA=0``). Call it from a module-level fixture."""
+    dataset_id = 801 if masks else 802
+    source = planned_classification_root(tmp_path_factory.getbasetemp(), dataset_id, masks=masks)
     root = Path(shutil.copytree(source, tmp_path / "root"))
     set_nnunet_paths(monkeypatch, root, n_proc_da=0)
     return root

@@ -1,0 +1,147 @@
+"""End to end through the CLI, each step in a fresh process: plan -> configure cfcml -> nnUNetv2_train
+(CFCMLTrainer_smoke from the test trainers folder) -> --c -> predict-cls -> evaluate-cls -> nnUNetv2_predict."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from cfcml_data import write_classification_dataset
+from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+DATASET = 811
+NAME = "CfcmlTiny"
+TRAINER = "CFCMLTrainer_smoke"
+PLANS = "nnUNetCPUPlans_CFCML"
+
+
+def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e_cfcml")
+    env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
+    raw = write_classification_dataset(root / "nnUNet_raw", DATASET, NAME)
+    run([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "2d", "-np", "1"], env)
+    run([console_script("nnunet-ext"), "configure", "cfcml", "-d", str(DATASET), "-p", "nnUNetCPUPlans", "-o",
+         PLANS], env)
+    train_env = {**env, "nnUNet_n_proc_DA": "0"}
+    run([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
+        train_env)
+    fold = root / "nnUNet_results" / f"Dataset{DATASET:03d}_{NAME}" / f"{TRAINER}__{PLANS}__2d" / "fold_0"
+    return {"root": root, "raw": raw, "env": train_env, "fold": fold}
+
+
+def test_training_writes_classification_outputs(trained):
+    fold = trained["fold"]
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER and checkpoint["nnunet_ext"]["family"] == "cfcml"
+    logging = checkpoint["logging"]
+    for key in ("cfcml_ce", "cfcml_l_sam", "cfcml_l_up", "cfcml_l_cp", "cfcml_l_seg"):
+        assert len(logging[key]) == 2 and all(math.isfinite(v) for v in logging[key]), key
+    for key in ("cfcml_val_auc", "cfcml_val_bacc", "cfcml_val_acc", "cfcml_val_f1_macro"):
+        assert len(logging[key]) == 2, key
+    best = torch.load(fold / "checkpoint_best_cls.pth", map_location="cpu", weights_only=False)
+    aucs = [v for v in logging["cfcml_val_auc"] if math.isfinite(v)]
+    assert best["nnunet_ext"]["state"]["best_val_auc"] == pytest.approx(max(aucs))
+    rows = list(csv.DictReader(open(fold / "validation_cls.csv")))
+    splits = json.loads((trained["root"] / "nnUNet_preprocessed" / f"Dataset{DATASET:03d}_{NAME}" /
+                         "splits_final.json").read_text())
+    assert sorted(r["case_id"] for r in rows) == sorted(splits[0]["val"])
+    for row in rows:
+        assert sum(float(row[f"prob_{c}"]) for c in ("atypical", "benign", "malignant")) == pytest.approx(1, abs=1e-5)
+    summary = json.loads((fold / "validation_cls_summary.json").read_text())
+    assert {"auc", "balanced_accuracy", "per_class"} <= set(summary["metrics"])
+    assert (fold / "validation" / "summary.json").exists()  # lesion masks: nnU-Net's segmentation validation too
+    plans = json.loads((fold.parent / "plans.json").read_text())
+    assert "cfcml" in plans["nnunet_ext"]
+
+
+def test_resume_with_c_keeps_state(trained):
+    fold = trained["fold"]
+    before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    run([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+         "--c"], trained["env"])
+    after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for name, tensor in before["network_weights"].items():
+        assert torch.equal(tensor, after["network_weights"][name]), name
+    assert after["current_epoch"] == before["current_epoch"]
+    assert after["nnunet_ext"]["state"]["best_val_auc"] == before["nnunet_ext"]["state"]["best_val_auc"]
+    assert after["logging"]["cfcml_val_auc"] == before["logging"]["cfcml_val_auc"] or all(
+        math.isnan(a) and math.isnan(b) for a, b in zip(after["logging"]["cfcml_val_auc"],
+                                                         before["logging"]["cfcml_val_auc"]))
+
+
+def test_predict_cls_in_fresh_process_and_evaluate(trained):
+    root, raw, env = trained["root"], trained["raw"], trained["env"]
+    out = root / "predictions.csv"
+    run([console_script("nnunet-ext"), "predict-cls", "-i", str(raw / "imagesTs"), "-t", str(raw / "tabular.csv"),
+         "-o", str(out), "-d", str(DATASET), "-c", "2d", "-f", "0", "-tr", TRAINER, "-p", PLANS], env)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["case_id"] for r in rows] == ["ts_000", "ts_001", "ts_002"]
+    classes = ["atypical", "benign", "malignant"]
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-6)
+    assert [r["prediction"] for r in rows] == [classes[i] for i in probs.argmax(1)]
+
+    # the same probabilities from the checkpoint, recomputed in this process
+    from nnunet_ext.cfcml.data import crop_or_pad_to_patch
+    from nnunet_ext.cfcml.predict import load_fold_network
+    from nnunet_ext.cfcml.tabular import TabularSchema, TabularTable
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+            mp.setenv(key, env[key])
+        network, pm, cm, dataset_json, _ = load_fold_network(str(trained["fold"].parent), 0, "checkpoint_final.pth",
+                                                             torch.device("cpu"))
+        schema = TabularSchema.from_dict(pm.plans["nnunet_ext"]["cfcml"]["schema"])
+        table = TabularTable.from_csv(schema, raw / "tabular.csv")
+        preprocessor = cm.preprocessor_class(verbose=False)
+        x = np.stack([crop_or_pad_to_patch(preprocessor.run_case([str(raw / "imagesTs" / f"{c}_0000.png")], None, pm,
+                                                                  cm, dataset_json)[0], cm.patch_size)
+                      for c in ("ts_000", "ts_001", "ts_002")])
+        with torch.no_grad():
+            expected = torch.softmax(network.classify(torch.from_numpy(x), table.batch(["ts_000", "ts_001", "ts_002"])),
+                                     1).numpy()
+    assert np.allclose(probs, expected, atol=1e-6)
+
+    # the output is never overwritten; labelled test rows evaluate through the CLI
+    result = subprocess.run([console_script("nnunet-ext"), "predict-cls", "-i", str(raw / "imagesTs"), "-o", str(out),
+                             "-d", str(DATASET), "-c", "2d", "-tr", TRAINER, "-p", PLANS], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "exists" in result.stderr
+    labels = root / "labels.csv"
+    labels.write_text("case_id,label\nts_000,benign\nts_001,atypical\nts_002,malignant\n")
+    metrics = json.loads(run([console_script("nnunet-ext"), "evaluate-cls", str(out), str(labels)], env).stdout)
+    assert metrics["num_cases"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_missing_tabular_row_is_an_error(trained):
+    root, raw, env = trained["root"], trained["raw"], trained["env"]
+    partial = root / "partial.csv"
+    lines = (raw / "tabular.csv").read_text().splitlines()
+    partial.write_text("\n".join(line for line in lines if not line.startswith("ts_001")) + "\n")
+    result = subprocess.run([console_script("nnunet-ext"), "predict-cls", "-i", str(raw / "imagesTs"), "-t",
+                             str(partial), "-o", str(root / "p2.csv"), "-d", str(DATASET), "-c", "2d", "-tr", TRAINER,
+                             "-p", PLANS], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "ts_001" in result.stderr
+
+
+def test_stock_nnunet_predict_writes_segmentations(trained):
+    root, raw, env = trained["root"], trained["raw"], trained["env"]
+    out = root / "seg_out"
+    run([console_script("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET),
+         "-c", "2d", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1",
+         "-nps", "1"], env)
+    assert sorted(p.name for p in out.glob("*.png")) == ["ts_000.png", "ts_001.png", "ts_002.png"]
