@@ -35,6 +35,7 @@ setup(
         "pandas",
         "scikit-learn",
         "matplotlib",
+        "medpy>=0.5",  # HD95/ASD in mm for nnunet-ext benchmark (medpy.metric.binary)
     ],
     extras_require={
         "ph2": ["openpyxl"],
