@@ -167,6 +167,7 @@ def run_measured(tool: str, args: list[str], stats_file: str | os.PathLike, inte
             except SystemExit as e:  # argparse errors and explicit exits of nnU-Net
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             except BaseException:
+                sys.stdout.flush()  # the traceback after everything printed before it (shared log file)
                 traceback.print_exc()
                 code = 1
     finally:

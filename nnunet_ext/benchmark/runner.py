@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -291,6 +292,8 @@ def child_environment(settings: BenchmarkSettings) -> dict[str, str]:
     env[ENV_VAR] = os.pathsep.join([ext_trainer_path(env.get(ENV_VAR)), *map(str, settings.extra_trainer_dirs),
                                     str(settings.output / "budget_trainers")])
     env["MPLBACKEND"] = "Agg"
+    # stdout and stderr share the log file: unbuffered, a traceback lands after the lines printed before it
+    env["PYTHONUNBUFFERED"] = "1"
     env.pop("nnUNet_n_proc_DA", None)  # 0 breaks nnU-Net 2.8.1 planning; set for training only
     return env
 
@@ -360,11 +363,17 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
 def _fail(record: dict, step: str, error: str, log_file: Path) -> dict:
+    """Mark ``record`` failed with the log's tail and its last exception line (else its last line)."""
     tail = log_tail(log_file)
-    last = [line for line in tail.splitlines() if line.strip()]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    detail = exceptions[-1] if exceptions else (lines[-1] if lines else "")
     record.update(status="failed", failed_step=step, log_file=str(log_file), log_tail=tail,
-                  error=error + (f": {last[-1].strip()}" if last and last[-1].strip() not in error else ""))
+                  error=error + (f": {detail}" if detail and detail not in error else ""))
     return record
 
 

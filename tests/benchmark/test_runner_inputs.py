@@ -138,3 +138,26 @@ def test_plans_differences_and_report_note(tmp_path):
                "labels": {"1": "a"}, "runs": [], "upper_bound_plans_differences": {"patch_size": [1, 2]}}
     report = format_report(results)
     assert "plans differ in patch_size" in report and "The gap bound is undefined" in report
+
+
+@pytest.mark.parametrize("log, expected", [
+    ("Epoch 0\nTraceback (most recent call last):\n  File 'x'\nRuntimeError: boom\nshutting down\n",
+     "nnUNetv2_train exited with code 1: RuntimeError: boom"),
+    ("Epoch 0\nKilled\n", "nnUNetv2_train exited with code 1: Killed"),
+    ("", "nnUNetv2_train exited with code 1"),
+])
+def test_failed_step_names_the_exception(tmp_path, log, expected):
+    from nnunet_ext.benchmark.runner import _fail
+
+    (tmp_path / "train.log").write_text(log)
+    record = _fail({}, "training", "nnUNetv2_train exited with code 1", tmp_path / "train.log")
+    assert record["status"] == "failed" and record["failed_step"] == "training" and record["error"] == expected
+    assert record["log_tail"] == log.rstrip("\n")
+
+
+def test_planner_command_uses_the_numeric_dataset_id(tmp_path):
+    from nnunet_ext.benchmark.runner import _plan_command
+
+    command = _plan_command("Dataset041_HippocampusSSL10", _settings(tmp_path, planner="CPUPlanner"))
+    assert command[1:] == ["-m", "nnunet_ext.cli", "plan", "-d", "041", "-pl", "CPUPlanner", "-c", "3d_fullres",
+                           "-np", "2"]
