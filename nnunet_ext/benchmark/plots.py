@@ -32,7 +32,7 @@ def plot_dice_bars(rows: Sequence[Mapping], labels: Mapping[str, str], path: str
     plt = _pyplot()
     groups = [*labels.values(), "mean"]
     width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 0.4 * len(rows)), 4.0))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 0.4 * len(rows)) + 3.0, 4.0))
     for i, row in enumerate(rows):
         stats = [row["dice"][k] for k in labels] + [row["mean_dice"]]
         means, stds = zip(*(_value(s) for s in stats))
@@ -42,7 +42,7 @@ def plot_dice_bars(rows: Sequence[Mapping], labels: Mapping[str, str], path: str
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice (test split)")
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
