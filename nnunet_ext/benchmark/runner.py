@@ -406,6 +406,19 @@ def _predictions_complete(run: Run, settings: BenchmarkSettings) -> bool:
         all((folder / f"{case}{ending}").is_file() for case in run.dataset.test_cases)
 
 
+def check_reusable(run: Run, settings: BenchmarkSettings) -> None:
+    """Refuse to continue a run folder that was made with other settings (device, TTA, final validation).
+
+    Raises:
+        BenchmarkError: naming the folder, both settings and the way out.
+    """
+    run_dir = run.run_dir(settings)
+    previous = _read_json(run_dir / "run.json")
+    if previous is not None and previous.get("settings_key") != _settings_key(settings):
+        raise BenchmarkError(f"{run_dir} was made with other settings ({previous.get('settings_key')} instead of "
+                             f"{_settings_key(settings)}); use another --output or pass --overwrite to redo it")
+
+
 def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: dict, train_env: dict,
                 progress: Progress) -> dict:
     """Train, predict and evaluate one run, skipping finished steps; returns its ``results.json`` record."""
@@ -413,10 +426,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
 
     run_dir, fold_dir = run.run_dir(settings), run.fold_dir(settings)
     name = f"{run.label} [{run.dataset.name}] seed {run.seed}"
-    previous = _read_json(run_dir / "run.json")
-    if previous is not None and previous.get("settings_key") != _settings_key(settings):
-        raise BenchmarkError(f"{run_dir} was made with other settings ({previous.get('settings_key')} instead of "
-                             f"{_settings_key(settings)}); use another --output or pass --overwrite to redo it")
+    check_reusable(run, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     commands = _commands(run, settings, plans_file)
     record = {
@@ -588,6 +598,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
                             budget_trainer_name(STOCK_TRAINER, settings.budget.epochs, settings.budget.iterations,
                                                 seed), upper, seed))
     _prepare_output(settings, runs, progress)
+    for run in runs:  # before the first run starts
+        check_reusable(run, settings)
     train_env = training_environment(settings, env)
     records = []
     for i, run in enumerate(runs, 1):

@@ -161,3 +161,18 @@ def test_planner_command_uses_the_numeric_dataset_id(tmp_path):
     command = _plan_command("Dataset041_HippocampusSSL10", _settings(tmp_path, planner="CPUPlanner"))
     assert command[1:] == ["-m", "nnunet_ext.cli", "plan", "-d", "041", "-pl", "CPUPlanner", "-c", "3d_fullres",
                            "-np", "2"]
+
+
+def test_a_run_made_with_other_settings_is_not_reused(raw, tmp_path):
+    from nnunet_ext.benchmark.runner import Run, check_reusable
+
+    info = resolve_dataset(_with_test_split(raw, 988, "Reuse").name)
+    settings = _settings(tmp_path)
+    run = Run("baseline", "nnUNetTrainer", "nnUNetTrainer", "nnUNetTrainer_e1i1s0", info, 0)
+    check_reusable(run, settings)  # nothing there yet
+    run.run_dir(settings).mkdir(parents=True)
+    (run.run_dir(settings) / "run.json").write_text(json.dumps(
+        {"settings_key": {"device": "cpu", "tta": True, "final_validation": False}}))
+    with pytest.raises(BenchmarkError, match="other settings.*--overwrite"):
+        check_reusable(run, settings)
+    check_reusable(run, _settings(tmp_path, tta=True))
