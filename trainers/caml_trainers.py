@@ -6,8 +6,9 @@ Only trainer classes here, imported by nnU-Net as a top-level module: absolute i
 import os
 
 import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-from nnunet_ext.caml.losses import caml_total_loss, mutual_consistency_loss
+from nnunet_ext.caml.losses import ForegroundDiceLoss, caml_total_loss, mutual_consistency_loss
 from nnunet_ext.caml.networks import (
     CAMLHeads,
     build_auxiliary_unet,
@@ -207,3 +208,30 @@ class CAMLTrainer(ExtSemiSupervisedTrainerBase):
         self.occ.load_state_dict(state["occ"])
         self.caml_step = self.current_epoch * self.num_iterations_per_epoch
 
+
+
+class CAMLTrainer_paperOptim(CAMLTrainer):
+    """CAMLTrainer with the official LA training recipe where nnU-Net allows it: SGD (momentum 0.9, no Nesterov,
+    weight decay 1e-4) at a constant learning rate 0.01, 15,000 iterations (60 epochs x 250), foreground soft Dice
+    without cross entropy and without deep supervision, ramp length 6,000 iterations advanced every 150 (R = 40,
+    the 4-label setting). Patch size, augmentation and networks stay nnU-Net's."""
+
+    rampup_iterations = 6000
+    rampup_quantum = 150
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 60
+        self.weight_decay = 1e-4
+        self.enable_deep_supervision = False
+
+    def configure_optimizers(self):
+        optimizer, _ = super().configure_optimizers()  # builds the extra modules; keep every parameter
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer = torch.optim.SGD(params, lr=self.initial_lr, momentum=0.9, weight_decay=self.weight_decay,
+                                    nesterov=False)
+        # exponent 0: (1 - epoch / num_epochs) ** 0 == 1, i.e. nnU-Net's scheduler interface with a constant rate
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=0.0)
+
+    def _build_loss(self):
+        return ForegroundDiceLoss(self.label_manager.ignore_label)

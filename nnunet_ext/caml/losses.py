@@ -178,3 +178,39 @@ def caml_total_loss(supervised_sum: torch.Tensor, consistency: torch.Tensor, cor
     if not 0.0 <= ramp <= 1.0:
         raise ValueError(f"ramp must be in [0, 1], got {ramp}")
     return w_sup * supervised_sum + lambda_c * ramp * consistency + lambda_o * ramp * correlation
+
+
+class ForegroundDiceLoss(torch.nn.Module):
+    """CAML's supervised loss: soft Dice over the whole labeled batch, foreground channels only, no cross entropy.
+
+    ``1 - (2 sum p y + eps) / (sum p + sum y + eps)`` per foreground class (official: the single foreground class of LA,
+    eps = 1e-8), averaged over classes; built on nnU-Net's ``MemoryEfficientSoftDiceLoss`` (``batch_dice=True``,
+    ``do_bg=False``). Voxels with the ignore label are masked out.
+
+    Args:
+        ignore_label: nnU-Net's ignore label or None.
+        smooth: eps of the Dice quotient.
+
+    Shapes: logits ``[B, K, *spatial]``, target ``[B, 1, *spatial]`` (integer valued).
+    """
+
+    def __init__(self, ignore_label: int | None = None, smooth: float = 1e-8):
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+        from nnunetv2.utilities.helpers import softmax_helper_dim1
+
+        super().__init__()
+        if not smooth > 0:
+            raise ValueError(f"smooth must be > 0, got {smooth}")
+        self.ignore_label = ignore_label
+        self.dice = MemoryEfficientSoftDiceLoss(apply_nonlin=softmax_helper_dim1, batch_dice=True, do_bg=False,
+                                                smooth=smooth, ddp=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] < 2:
+            raise ValueError(f"foreground Dice needs at least 2 output channels, got {logits.shape[1]}")
+        mask = None
+        if self.ignore_label is not None:
+            mask = (target != self.ignore_label).float()
+            target = torch.where(mask.bool(), target, torch.zeros_like(target))
+        # nnU-Net's soft Dice returns the negative Dice coefficient
+        return 1.0 + self.dice(logits, target, loss_mask=mask)

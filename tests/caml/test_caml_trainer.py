@@ -11,7 +11,7 @@ from helpers_nnunet import clone_root, make_tiny_dataset, set_nnunet_paths
 
 from nnunet_ext.caml.configure import derive_plans
 from nnunet_ext.caml.settings import CAML_DEFAULTS, caml_defaults
-from nnunet_ext_trainers.caml_trainers import CAMLTrainer
+from nnunet_ext_trainers.caml_trainers import CAMLTrainer, CAMLTrainer_paperOptim
 
 DATASET = 996
 NAME = "CamlUnit"
@@ -83,8 +83,11 @@ def _labeled_batch(trainer, seed):
     patch = trainer.configuration_manager.patch_size
     data = torch.randn((trainer.batch_size, trainer.num_input_channels, *patch), generator=g)
     with torch.no_grad():
-        shapes = [o.shape[2:] for o in trainer.network(data)]
+        output = trainer.network(data)
+    shapes = [o.shape[2:] for o in output] if isinstance(output, list) else [output.shape[2:]]
     target = [torch.randint(0, 3, (trainer.batch_size, 1, *s), generator=g).float() for s in shapes]
+    if not isinstance(output, list):
+        target = target[0]
     return {"data": data, "target": target, "keys": [f"tr_{i:03d}" for i in range(trainer.batch_size)]}
 
 
@@ -249,3 +252,27 @@ def test_missing_unlabeled_data_names_the_command(make_trainer, planned, tmp_pat
     trainer = make_trainer(_SmallMemory)
     with pytest.raises(RuntimeError, match="nnunet-ext preprocess-unlabeled"):
         trainer.on_train_start()
+
+
+def test_paper_recipe_variant(make_trainer):
+    from nnunet_ext.caml.losses import ForegroundDiceLoss
+
+    class _Paper(CAMLTrainer_paperOptim, _FixedUnlabeled):
+        pass
+
+    trainer = make_trainer(_Paper)
+    assert trainer.num_epochs == 5  # the fixture shortened it; the class sets 60
+    assert isinstance(trainer.loss, ForegroundDiceLoss) and not trainer.enable_deep_supervision
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and not group["nesterov"]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in optimised for p in trainer.extra_modules.parameters())
+    for epoch in (0, 3):
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        assert trainer.optimizer.param_groups[0]["lr"] == 0.01
+    batch = _labeled_batch(trainer, 0)
+    assert isinstance(batch["target"], torch.Tensor)  # no deep supervision
+    assert math.isfinite(float(trainer.train_step(batch)["loss"]))
+    assert trainer.rampup_length() == 6000 and trainer.rampup_quantum == 150

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nnunet_ext.caml.losses import (
+    ForegroundDiceLoss,
     correlation_consistency,
     correlation_logits,
     mutual_consistency_loss,
@@ -185,7 +186,33 @@ def test_omni_correlation_fp16_features_are_finite():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+# ------------------------------------------------------------------ supervised Dice (paper recipe)
+def test_foreground_dice_matches_the_official_binary_dice_over_the_batch():
+    logits = _logits((2, 2, 4, 5), 9)
+    target = torch.randint(0, 2, (2, 1, 4, 5), generator=torch.Generator().manual_seed(3))
+    p = torch.softmax(logits, 1)[:, 1]
+    y = (target[:, 0] == 1).float()
+    official = 1 - (2 * (p * y).sum() + 1e-8) / (p.sum() + y.sum() + 1e-8)
+    torch.testing.assert_close(ForegroundDiceLoss()(logits, target), official)
+
+
+def test_foreground_dice_averages_classes_and_masks_the_ignore_label():
+    logits = _logits((2, 3, 4, 5), 10)
+    target = torch.randint(0, 3, (2, 1, 4, 5), generator=torch.Generator().manual_seed(4))
+    p = torch.softmax(logits, 1)
+    per_class = [1 - (2 * (p[:, c] * (target[:, 0] == c)).sum() + 1e-8) / (p[:, c].sum() + (target[:, 0] == c).sum()
+                                                                         + 1e-8) for c in (1, 2)]
+    torch.testing.assert_close(ForegroundDiceLoss()(logits, target), torch.stack(per_class).mean())
+    ignored = target.clone()
+    ignored[:, :, 0] = 3
+    masked = logits.clone().requires_grad_()
+    ForegroundDiceLoss(ignore_label=3)(masked, ignored).backward()
+    assert float(masked.grad[:, :, 0].abs().sum()) == 0.0 and float(masked.grad.abs().sum()) > 0
+
+
 @pytest.mark.parametrize("call, message", [
+    (lambda: ForegroundDiceLoss(smooth=0), "smooth"),
+    (lambda: ForegroundDiceLoss()(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3)), "2 output channels"),
     (lambda: sharpen(torch.ones(1, 2, 1), 0.0), "temperature"),
     (lambda: mutual_consistency_loss(torch.zeros(1, 2, 3), torch.zeros(1, 3, 3)), "shapes differ"),
     (lambda: mutual_consistency_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), mask=torch.ones(1, 2, 3)), "mask"),
