@@ -1,21 +1,27 @@
-"""End to end through the CLI, each step in a fresh process: plan -> configure cfcml -> nnUNetv2_train
-(CFCMLTrainer_smoke from the test trainers folder) -> --c -> predict-cls -> evaluate-cls -> nnUNetv2_predict."""
+"""End to end through the CLI, each step in a fresh process: configure cfcml -> nnUNetv2_train (CFCMLTrainer_smoke
+from the test trainers folder) -> predict-cls -> evaluate-cls -> nnUNetv2_predict. The ``--c`` round trip is tested
+in-process (``test_trainer.py``; a subprocess ``--c`` of a finished run repeats the whole final validation).
+
+Planning is done once in-process with a fast fingerprint (``cfcml_fixtures``); ``nnunet-ext plan`` itself is
+covered by the planner's own tests and costs ~1.5 minutes here.
+"""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
-from cfcml_data import write_classification_dataset
+from cfcml_fixtures import planned_classification_root
 from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-DATASET = 811
+DATASET = 801
 NAME = "CfcmlTiny"
 TRAINER = "CFCMLTrainer_smoke"
 PLANS = "nnUNetCPUPlans_CFCML"
@@ -30,10 +36,10 @@ def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e_cfcml")
+    source = planned_classification_root(tmp_path_factory.getbasetemp(), DATASET, masks=True)
+    root = shutil.copytree(source, tmp_path_factory.mktemp("e2e_cfcml") / "root")
     env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
-    raw = write_classification_dataset(root / "nnUNet_raw", DATASET, NAME)
-    run([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "2d", "-np", "1"], env)
+    raw = root / "nnUNet_raw" / f"Dataset{DATASET:03d}_{NAME}"
     run([console_script("nnunet-ext"), "configure", "cfcml", "-d", str(DATASET), "-p", "nnUNetCPUPlans", "-o",
          PLANS], env)
     train_env = {**env, "nnUNet_n_proc_DA": "0"}
@@ -66,21 +72,6 @@ def test_training_writes_classification_outputs(trained):
     assert (fold / "validation" / "summary.json").exists()  # lesion masks: nnU-Net's segmentation validation too
     plans = json.loads((fold.parent / "plans.json").read_text())
     assert "cfcml" in plans["nnunet_ext"]
-
-
-def test_resume_with_c_keeps_state(trained):
-    fold = trained["fold"]
-    before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    run([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
-         "--c"], trained["env"])
-    after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    for name, tensor in before["network_weights"].items():
-        assert torch.equal(tensor, after["network_weights"][name]), name
-    assert after["current_epoch"] == before["current_epoch"]
-    assert after["nnunet_ext"]["state"]["best_val_auc"] == before["nnunet_ext"]["state"]["best_val_auc"]
-    assert after["logging"]["cfcml_val_auc"] == before["logging"]["cfcml_val_auc"] or all(
-        math.isnan(a) and math.isnan(b) for a, b in zip(after["logging"]["cfcml_val_auc"],
-                                                         before["logging"]["cfcml_val_auc"]))
 
 
 def test_predict_cls_in_fresh_process_and_evaluate(trained):
@@ -116,26 +107,32 @@ def test_predict_cls_in_fresh_process_and_evaluate(trained):
                                      1).numpy()
     assert np.allclose(probs, expected, atol=1e-6)
 
-    # the output is never overwritten; labelled test rows evaluate through the CLI
-    result = subprocess.run([console_script("nnunet-ext"), "predict-cls", "-i", str(raw / "imagesTs"), "-o", str(out),
-                             "-d", str(DATASET), "-c", "2d", "-tr", TRAINER, "-p", PLANS], env=env,
-                            capture_output=True, text=True)
-    assert result.returncode != 0 and "exists" in result.stderr
+    # labelled test rows evaluate through the CLI
     labels = root / "labels.csv"
     labels.write_text("case_id,label\nts_000,benign\nts_001,atypical\nts_002,malignant\n")
     metrics = json.loads(run([console_script("nnunet-ext"), "evaluate-cls", str(out), str(labels)], env).stdout)
     assert metrics["num_cases"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
 
 
-def test_missing_tabular_row_is_an_error(trained):
+def test_predict_cls_errors(trained, monkeypatch):
+    from nnunet_ext.cfcml.predict import predict_classification
+    from nnunet_ext.cfcml.tabular import TabularDataError
+
     root, raw, env = trained["root"], trained["raw"], trained["env"]
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, env[key])
     partial = root / "partial.csv"
     lines = (raw / "tabular.csv").read_text().splitlines()
     partial.write_text("\n".join(line for line in lines if not line.startswith("ts_001")) + "\n")
-    result = subprocess.run([console_script("nnunet-ext"), "predict-cls", "-i", str(raw / "imagesTs"), "-t",
-                             str(partial), "-o", str(root / "p2.csv"), "-d", str(DATASET), "-c", "2d", "-tr", TRAINER,
-                             "-p", PLANS], env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "ts_001" in result.stderr
+    with pytest.raises(TabularDataError, match=r"no row for case\(s\) \['ts_001'\]"):
+        predict_classification(str(raw / "imagesTs"), str(partial), str(root / "p2.csv"), DATASET, "2d", [0],
+                               TRAINER, PLANS)
+    out = root / "p3.csv"
+    predict_classification(str(raw / "imagesTs"), str(partial), str(out), DATASET, "2d", [0], TRAINER, PLANS,
+                           allow_missing_tabular=True)
+    assert len(list(csv.DictReader(open(out)))) == 3
+    with pytest.raises(FileExistsError):  # never overwritten
+        predict_classification(str(raw / "imagesTs"), None, str(out), DATASET, "2d", [0], TRAINER, PLANS)
 
 
 def test_stock_nnunet_predict_writes_segmentations(trained):
