@@ -13,9 +13,9 @@ plus ``contributions.csv``: per case and pair, the mean attention, mean magnitud
 sender's share of the message magnitude received by the subtask, over the whole image and inside the subtask's
 predicted segmentation; rows with case ``ALL`` average over cases (the sender x subtask relation matrix).
 
-nnU-Net's preprocessing (``preprocessor.run_case``), sliding window (``nnUNetPredictor``, without mirroring; maps
-of the first fold) and its resampling back to the original geometry (``resampling_fn_probabilities``, un-cropping,
-un-transposing) are reused. Design decision: magnitudes/attention instead of the spec's optional Grad-CAM.
+nnU-Net's preprocessing (``preprocessor.run_case``), sliding-window tiling and Gaussian (accumulated in fp32; no
+mirroring; maps of the first fold) and its resampling back to the original geometry (``resampling_fn_probabilities``,
+un-cropping, un-transposing) are reused. Design decision: magnitudes/attention instead of the spec's optional Grad-CAM.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import csv
 import os
 import re
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -56,6 +55,29 @@ class ExplanationMaps(nn.Module):
                 stages = [upsample_to(v, x.shape[2:]) for k, v in pair.items() if k.startswith(kind + "@")]
                 maps.append(torch.stack(stages).mean(0) if stages else x.new_zeros((x.shape[0], 1, *x.shape[2:])))
         return torch.cat(maps, 1)
+
+
+@torch.no_grad()
+def sliding_window_maps(predictor, wrapper: ExplanationMaps, data: torch.Tensor) -> torch.Tensor:
+    """Gaussian-weighted sliding window of ``wrapper`` over preprocessed ``data [M, *shape]`` -> maps
+    ``[C, *shape]``, with nnU-Net's padding, tile positions and Gaussian but an fp32 accumulator (nnU-Net's
+    predictor accumulates in fp16, which message magnitudes and KL densities of an untrained model can overflow)."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    patch = tuple(predictor.configuration_manager.patch_size)
+    padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=1, dtype=torch.float32,
+                                device=torch.device("cpu"))
+    maps = torch.zeros((wrapper.num_maps, *padded.shape[1:]), dtype=torch.float32)
+    weights = torch.zeros(padded.shape[1:], dtype=torch.float32)
+    for slicer in slicers:
+        tile = padded[slicer][None].to(predictor.device)
+        maps[slicer] += wrapper(tile)[0].float().cpu() * gaussian
+        weights[slicer[1:]] += gaussian
+    maps /= weights
+    return maps[(slice(None), *revert[1:])]
 
 
 def _safe(name: str) -> str:
@@ -156,6 +178,8 @@ def explain_folder(input_folder: str, output_folder: str, folder: str, folds: Se
     network.eval()
     plans_manager, configuration_manager = predictor.plans_manager, predictor.configuration_manager
     dataset_json, label_manager = predictor.dataset_json, predictor.label_manager
+    # plans without a CIML block (automatic default) know channels by index only; name them for the outputs
+    network.modality_names = [dataset_json["channel_names"][k] for k in sorted(dataset_json["channel_names"], key=int)]
     num_channels = len(dataset_json["channel_names"])
     cases = group_case_files(input_folder, dataset_json["file_ending"], num_channels)
     reader = plans_manager.image_reader_writer_class()
@@ -171,14 +195,7 @@ def explain_folder(input_folder: str, output_folder: str, folder: str, folds: Se
         logits = predictor.predict_logits_from_preprocessed_data(data)
         segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, plans_manager, configuration_manager, label_manager, properties, return_probabilities=True)
-        # the predictor's sliding window, pointed at the map wrapper for the duration
-        saved = predictor.network, predictor.label_manager
-        try:
-            predictor.network = wrapper
-            predictor.label_manager = SimpleNamespace(num_segmentation_heads=wrapper.num_maps)
-            maps = predictor.predict_sliding_window_return_logits(data).float().cpu().numpy()
-        finally:
-            predictor.network, predictor.label_manager = saved
+        maps = sliding_window_maps(predictor, wrapper, data).numpy()
         maps = maps_to_original_geometry(maps, properties, plans_manager, configuration_manager)
         masks = _subtask_masks(segmentation, probabilities, network, label_manager)
         images = {c: reader.read_images([files[c]])[0][0] for c in range(num_channels)}
