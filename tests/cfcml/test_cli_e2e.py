@@ -1,6 +1,6 @@
 """End to end through the CLI, each step in a fresh process: configure cfcml -> nnUNetv2_train (CFCMLTrainer_smoke
-from the test trainers folder) -> predict-cls -> evaluate-cls -> nnUNetv2_predict. The ``--c`` round trip is tested
-in-process (``test_trainer.py``; a subprocess ``--c`` of a finished run repeats the whole final validation).
+from the test trainers folder) -> --c -> predict-cls -> evaluate-cls -> nnUNetv2_predict. ``test_trainer.py`` also
+tests the checkpoint round trip in-process.
 
 Planning is done once in-process with a fast fingerprint (``cfcml_fixtures``); ``nnunet-ext plan`` itself is
 covered by the planner's own tests and costs ~1.5 minutes here.
@@ -72,6 +72,21 @@ def test_training_writes_classification_outputs(trained):
     assert (fold / "validation" / "summary.json").exists()  # lesion masks: nnU-Net's segmentation validation too
     plans = json.loads((fold.parent / "plans.json").read_text())
     assert "cfcml" in plans["nnunet_ext"]
+
+
+def test_resume_with_c_keeps_state(trained):
+    fold = trained["fold"]
+    before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    run([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+         "--c"], trained["env"])
+    after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    # training had finished: --c loads, re-saves and re-validates without changing a value
+    for name, tensor in before["network_weights"].items():
+        assert torch.equal(tensor, after["network_weights"][name]), name
+    assert after["current_epoch"] == before["current_epoch"]
+    assert after["nnunet_ext"]["state"]["best_val_auc"] == before["nnunet_ext"]["state"]["best_val_auc"]
+    assert np.array_equal(after["logging"]["cfcml_val_auc"], before["logging"]["cfcml_val_auc"], equal_nan=True)
+    assert np.array_equal(after["logging"]["cfcml_l_sam"], before["logging"]["cfcml_l_sam"], equal_nan=True)
 
 
 def test_predict_cls_in_fresh_process_and_evaluate(trained):
