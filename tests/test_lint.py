@@ -19,3 +19,11 @@ def test_ruff_clean():
     out = subprocess.run([ruff, "check", "nnunet_ext", "trainers", "planners", "tests", "setup.py"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_test_module_names_are_unique():
+    # pytest's default (prepend) import mode imports test modules by basename: two test_losses.py in different
+    # folders make the second one fail to collect
+    names = [p.name for p in (REPO / "tests").rglob("*.py") if p.name != "conftest.py"]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    assert not duplicates, duplicates

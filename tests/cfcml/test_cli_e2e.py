@@ -1,5 +1,5 @@
 """End to end through the CLI, each step in a fresh process: configure cfcml -> nnUNetv2_train (CFCMLTrainer_smoke
-from the test trainers folder) -> --c -> predict-cls -> evaluate-cls -> nnUNetv2_predict. ``test_trainer.py`` also
+from the test trainers folder) -> --c -> predict-cls -> evaluate-cls -> nnUNetv2_predict. ``test_cfcml_trainer.py`` also
 tests the checkpoint round trip in-process.
 
 Planning is done once in-process with a fast fingerprint (``cfcml_fixtures``); ``nnunet-ext plan`` itself is
