@@ -1,0 +1,237 @@
+"""Collective primitives for multi-GPU (DDP) training of the nnunet-ext trainers (issue 8).
+
+nnU-Net wraps only ``self.network`` in ``DistributedDataParallel``; everything else a method keeps (EMA teachers,
+embedding queues, memory banks, prototypes) must be synchronised by the trainer itself. These functions are the
+building blocks; ``docs/ddp.md`` says which trainer calls which one at which hook.
+
+Conventions:
+
+* Every function is a collective when a process group with more than one rank is initialised: **every rank must
+  call it, in the same order** (a rank that skips a call deadlocks the others). Without a process group, or with
+  world size 1, every function is the identity (or the trivial answer), so single-process training pays nothing.
+* Results are in rank order: rank 0's entries first, then rank 1's, ... Every rank receives the same result.
+* Tensors are exchanged on their own device: with the NCCL backend (nnU-Net's) they must be CUDA tensors of the
+  rank's device, with ``gloo`` (CPU tests) CPU tensors. Nothing here calls ``.cuda()``.
+* Only :func:`all_gather_with_grad` takes part in autograd; the others are meant for state updated under
+  ``torch.no_grad()`` (queues, memory banks, teachers, statistics).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nnunet_ext.compat import unwrap
+
+#: Largest tensor rank the size exchange of :func:`all_gather_concat` supports (5D volumes batched = 5 dims).
+MAX_GATHER_DIMS = 8
+
+# dtype codes exchanged with the shapes so that a dtype mismatch between ranks is a clear error, not garbage.
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
+
+
+def is_distributed() -> bool:
+    """True if ``torch.distributed`` is available and a process group is initialised (any world size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of ranks of the default process group; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """Rank of this process in the default process group; 0 without one."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _active() -> bool:
+    return is_distributed() and dist.get_world_size() > 1
+
+
+def _gather_shapes(tensor: torch.Tensor) -> list[tuple[int, ...]]:
+    """Every rank's shape of ``tensor`` (rank order), after checking that all ranks agree on ndim, trailing dims
+    and dtype. Every rank sees the same shapes, so every rank raises the same error (no rank is left waiting)."""
+    if tensor.dim() == 0:
+        raise ValueError("expected a tensor with a first (batch/entry) dimension, got a 0-d tensor")
+    if tensor.dim() > MAX_GATHER_DIMS:
+        raise ValueError(f"tensors with more than {MAX_GATHER_DIMS} dimensions are not supported, got "
+                         f"shape {tuple(tensor.shape)}")
+    dtype_code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1
+    meta = torch.full((MAX_GATHER_DIMS + 2,), -1, dtype=torch.int64, device=tensor.device)
+    meta[0] = dtype_code
+    meta[1] = tensor.dim()
+    meta[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    metas = [torch.empty_like(meta) for _ in range(dist.get_world_size())]
+    dist.all_gather(metas, meta)
+    metas = [m.cpu().tolist() for m in metas]
+    shapes = [tuple(m[2:2 + m[1]]) for m in metas]
+    if any(m[0] != metas[0][0] for m in metas) or metas[0][0] == -1:
+        names = [str(_DTYPES[m[0]]) if m[0] >= 0 else "unsupported" for m in metas]
+        raise ValueError(f"all ranks must gather tensors of one supported dtype, got {names} (rank order)")
+    if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+        raise ValueError(f"all ranks must gather tensors that differ only in the first dimension, got shapes "
+                         f"{shapes} (rank order)")
+    return shapes
+
+
+def _padded_all_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Concatenation of every rank's ``tensor`` along dim 0 (rank order) and the per-rank sizes; no autograd."""
+    shapes = _gather_shapes(tensor)
+    sizes = [s[0] for s in shapes]
+    longest = max(sizes)
+    local = tensor.detach().contiguous()
+    if local.shape[0] < longest:
+        # all_gather needs equal shapes: pad to the longest rank, cut the padding after the exchange
+        padding = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
+        local = torch.cat([local, padding], dim=0)
+    gathered = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(gathered, local)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0), sizes
+
+
+@torch.no_grad()
+def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along the first dimension, in rank order; autograd-free.
+
+    For state that must hold the same entries on every rank: ACTION's embedding queues, CAML's memory bank,
+    statistics. The first dimension may differ between ranks (also 0: a rank without entries this step); the
+    other dimensions and the dtype must agree (ValueError on every rank otherwise).
+
+    Args:
+        tensor: ``[N_r, *F]`` on rank ``r``.
+
+    Returns:
+        ``[sum_r N_r, *F]``, rows of rank 0 first; the same tensor on every rank, detached. Without a process
+        group (or world size 1): ``tensor.detach()``.
+    """
+    if not _active():
+        return tensor.detach()
+    return _padded_all_gather(tensor)[0]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands each rank the summed gradient of its own slice (the "GatherLayer")."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        gathered, sizes = _padded_all_gather(tensor)
+        start = sum(sizes[:dist.get_rank()])
+        ctx.local_slice = (start, start + sizes[dist.get_rank()])
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        # every rank's loss may depend on this rank's rows: sum the gradients of all ranks, keep the local slice
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start, stop = ctx.local_slice
+        return grad[start:stop]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along the first dimension (rank order), differentiably.
+
+    For quantities computed from all ranks' features, e.g. CFCML's class prototypes. The other ranks' rows are
+    constants on this rank; the gradient reaching this rank's own rows is the **sum over ranks** of each rank's
+    loss gradient with respect to them (one ``all_reduce`` in backward, so every rank must run backward through
+    the call, which DDP requires anyway). DDP then averages parameter gradients over ranks, so a trainer whose
+    per-rank loss is ``L_r`` gets the gradient of ``mean_r L_r`` computed by one process on the concatenated
+    batch; if every rank computes the same global loss ``L``, the result is the gradient of ``L``.
+
+    Args:
+        tensor: ``[N_r, *F]`` on rank ``r``; ``N_r`` may differ between ranks and may be 0.
+
+    Returns:
+        ``[sum_r N_r, *F]``, rank 0's rows first, the same values on every rank. Without a process group (or
+        world size 1): ``tensor`` itself (gradient unchanged).
+    """
+    if not _active():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: ``tensor`` becomes the element-wise sum of every rank's ``tensor`` (same shape everywhere).
+
+    Autograd-free (pass ``x.detach()`` or a buffer). Returns ``tensor`` for chaining. Identity without a group.
+    """
+    if _active():
+        _check_reducible(tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: ``tensor`` becomes the element-wise mean over ranks (floating point only; e.g. statistics or a
+    logged loss component). Returns ``tensor``. Identity without a group."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"all_reduce_mean_ needs a floating point tensor, got {tensor.dtype} (use all_reduce_sum_)")
+    if _active():
+        _check_reducible(tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def _check_reducible(tensor: torch.Tensor) -> None:
+    if not tensor.is_contiguous():
+        raise ValueError("in-place all-reduce needs a contiguous tensor (reduce a .contiguous() copy instead)")
+
+
+@torch.no_grad()
+def broadcast_module_(module: nn.Module, src: int = 0) -> nn.Module:
+    """In place: copy rank ``src``'s parameters and buffers into ``module`` on every rank.
+
+    Makes state outside the DDP-wrapped network identical at the start of training and after ``--c`` (teachers,
+    heads built with rank-dependent randomness, BatchNorm statistics of a teacher). DDP and ``torch.compile``
+    wrappers are stripped. All ranks must hold modules with the same parameter and buffer names and shapes
+    (ValueError naming the first difference on every rank otherwise). Returns ``module``. Identity without a
+    group.
+    """
+    if not _active():
+        return module
+    if not 0 <= src < dist.get_world_size():
+        raise ValueError(f"src must be a rank in [0, {dist.get_world_size()}), got {src}")
+    plain = unwrap(module)
+    # named_buffers also lists non-persistent buffers, which state_dict() leaves out
+    tensors = list(plain.named_parameters()) + list(plain.named_buffers())
+    signature = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
+    signatures = all_gather_objects([signature])
+    for other_rank, other in enumerate(signatures):
+        if other != signature:
+            difference = next(((a, b) for a, b in zip(signature, other) if a != b), (len(signature), len(other)))
+            raise ValueError(f"broadcast_module_: rank {rank()} and rank {other_rank} hold different modules "
+                             f"(first difference: {difference[0]} vs {difference[1]})")
+    for _, t in tensors:
+        data = t.data
+        if data.is_contiguous():
+            dist.broadcast(data, src=src)
+        else:
+            buffer = data.contiguous()
+            dist.broadcast(buffer, src=src)
+            data.copy_(buffer)
+    return module
+
+
+def all_gather_objects(objects: list[Any]) -> list[Any]:
+    """Concatenate every rank's list of picklable objects, in rank order (e.g. CAML's memory-bank case ids).
+
+    Args:
+        objects: this rank's list (may be empty).
+
+    Returns:
+        rank 0's objects, then rank 1's, ...; the same list on every rank. Without a group: a copy of ``objects``.
+    """
+    if not isinstance(objects, list):
+        raise TypeError(f"all_gather_objects takes a list, got {type(objects).__name__}")
+    if not _active():
+        return list(objects)
+    per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, objects)
+    return [item for rank_objects in per_rank for item in rank_objects]
