@@ -17,6 +17,7 @@ Conventions:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from nnunet_ext.compat import unwrap
+
+#: Elements per all-reduce bucket of :func:`average_gradients_` (64 MiB of float32), bounding the extra memory.
+GRADIENT_BUCKET_NUMEL = 2 ** 24
 
 #: Largest tensor rank the size exchange of :func:`all_gather_concat` supports (5D volumes batched = 5 dims).
 MAX_GATHER_DIMS = 8
@@ -182,6 +186,72 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
 def _check_reducible(tensor: torch.Tensor) -> None:
     if not tensor.is_contiguous():
         raise ValueError("in-place all-reduce needs a contiguous tensor (reduce a .contiguous() copy instead)")
+
+
+@torch.no_grad()
+def average_gradients_(parameters: Iterable[nn.Parameter], bucket_numel: int = GRADIENT_BUCKET_NUMEL) -> None:
+    """In place: every parameter's ``.grad`` becomes the mean over ranks, as DDP would average it.
+
+    For trainers whose training forward does not go through the DDP wrapper (feature taps on the unwrapped
+    network, extra heads and peer models outside DDP): call it after ``backward`` and **before**
+    ``GradScaler.unscale_``/clipping/``step``, with the same parameter list in the same order on every rank
+    (e.g. every parameter of the optimiser). A rank on which a parameter got no gradient (a head skipped in this
+    step) contributes zeros; a parameter without a gradient on every rank keeps ``grad = None`` (so SGD/Adam skip
+    it exactly as without DDP). No "unused parameters" error can arise: DDP's reducer is not involved. With mixed
+    precision every rank sees the same averaged (possibly non-finite) gradients, so the GradScalers of all ranks
+    skip the same steps and keep the same scale.
+
+    Args:
+        parameters: the parameters to synchronise (order defines the exchange; must match on every rank).
+        bucket_numel: elements per all-reduce call (bounds the temporary flat buffer).
+
+    Raises:
+        ValueError: sparse gradients, ``bucket_numel < 1``, or ranks passing different numbers of parameters.
+    """
+    if bucket_numel < 1:
+        raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
+    params = list(parameters)
+    if any(p.grad is not None and p.grad.is_sparse for p in params):
+        raise ValueError("average_gradients_ does not support sparse gradients")
+    if not _active() or not params:
+        return
+    device = params[0].device
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(params)], dtype=torch.int64, device=device))
+    counts = [int(c.item()) for c in counts]
+    if len(set(counts)) != 1:
+        raise ValueError(f"average_gradients_: ranks passed different numbers of parameters {counts} (rank order)")
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    synced = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    for p in synced:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    # one flat buffer per (device, dtype) bucket: few large all-reduces instead of one per parameter
+    groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+    for p in synced:
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    for group in groups.values():
+        bucket: list[nn.Parameter] = []
+        filled = 0
+        for p in group:
+            if bucket and filled + p.grad.numel() > bucket_numel:
+                _average_bucket(bucket)
+                bucket, filled = [], 0
+            bucket.append(p)
+            filled += p.grad.numel()
+        _average_bucket(bucket)
+
+
+def _average_bucket(bucket: list[nn.Parameter]) -> None:
+    flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(dist.get_world_size())
+    offset = 0
+    for p in bucket:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
 
 
 @torch.no_grad()

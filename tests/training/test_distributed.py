@@ -138,6 +138,41 @@ def scenario_reduce(rank: int) -> dict:
     }
 
 
+def gradient_parameters() -> list[nn.Parameter]:
+    """Parameters a (float64, 6 elements), b (float32), c (float64), d (float32) of the averaging scenario."""
+    return [nn.Parameter(torch.zeros(2, 3, dtype=torch.float64)), nn.Parameter(torch.zeros(4)),
+            nn.Parameter(torch.zeros(3, dtype=torch.float64)), nn.Parameter(torch.zeros(2))]
+
+
+def local_gradients(rank: int) -> list[torch.Tensor | None]:
+    """Rank r's gradients: b only on rank 1 (a head skipped on rank 0), c on no rank."""
+    generator = torch.Generator().manual_seed(300 + rank)
+    a = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+    b = torch.randn(4, generator=generator) if rank == 1 else None
+    d = torch.randn(2, generator=generator)
+    return [a, b, None, d]
+
+
+def scenario_average_gradients(rank: int) -> dict:
+    params = gradient_parameters()
+    for p, g in zip(params, local_gradients(rank)):
+        p.grad = None if g is None else g.clone()
+    D.average_gradients_(params, bucket_numel=3)  # small buckets: several all-reduces per dtype
+
+    # manual averaging after a forward of the unwrapped network == DDP's own gradient averaging
+    plain, wrapped = make_mlp(seed=0), nn.parallel.DistributedDataParallel(make_mlp(seed=0))
+    batch = ema_batch(rank, step=9)
+    plain(batch).pow(2).mean().backward()
+    D.average_gradients_(plain.parameters())
+    wrapped(batch).pow(2).mean().backward()
+    return {
+        "grads": [None if p.grad is None else p.grad.clone() for p in params],
+        "manual": {name: p.grad.clone() for name, p in plain.named_parameters()},
+        "ddp": {name: p.grad.clone() for name, p in wrapped.module.named_parameters()},
+        "count_mismatch": _error(lambda: D.average_gradients_(gradient_parameters()[: rank + 1])),
+    }
+
+
 def scenario_broadcast(rank: int) -> dict:
     module = make_student(seed=rank)
     module.register_buffer("scratch", torch.full((2,), float(rank)), persistent=False)
@@ -187,6 +222,7 @@ SCENARIOS = {
     "gather_concat": scenario_gather_concat,
     "gather_with_grad": scenario_gather_with_grad,
     "reduce": scenario_reduce,
+    "average_gradients": scenario_average_gradients,
     "broadcast": scenario_broadcast,
     "objects": scenario_objects,
     "ema_queue": scenario_ema_queue,
@@ -309,6 +345,27 @@ def test_all_reduce(ranks):
         assert "contiguous" in result["reduce"]["not_contiguous"]
 
 
+def test_average_gradients_mean_over_ranks(ranks):
+    grads = [r["average_gradients"]["grads"] for r in ranks]
+    local = [local_gradients(r) for r in range(WORLD)]
+    for name, index in (("a", 0), ("d", 3)):
+        expected = (local[0][index] + local[1][index]) / WORLD
+        for r in range(WORLD):
+            assert torch.allclose(grads[r][index], expected), name
+    for r in range(WORLD):
+        assert torch.allclose(grads[r][1], local[1][1] / WORLD)  # rank 0 skipped b: it counts as zero
+        assert grads[r][2] is None  # no rank produced a gradient: stays None (optimisers skip it)
+        assert "different numbers of parameters" in ranks[r]["average_gradients"]["count_mismatch"]
+
+
+def test_average_gradients_equals_ddp(ranks):
+    manual = assert_same_on_ranks(ranks, "average_gradients", "manual")
+    ddp = assert_same_on_ranks(ranks, "average_gradients", "ddp")
+    assert manual.keys() == ddp.keys()
+    for name in manual:
+        assert torch.allclose(manual[name], ddp[name], rtol=1e-12, atol=1e-14), name
+
+
 def test_broadcast_module_copies_parameters_and_buffers(ranks):
     before = [r["broadcast"]["before"] for r in ranks]
     assert not torch.equal(before[0]["0.weight"], before[1]["0.weight"])  # the scenario starts from different state
@@ -381,12 +438,24 @@ def test_identity_without_process_group():
     assert gathered_keys == keys and gathered_keys is not keys
     empty = torch.zeros(0, 4)
     assert D.all_gather_concat(empty).shape == (0, 4)
+    grad = torch.randn(2, 2)
+    module.weight.grad = grad.clone()
+    D.average_gradients_(module.parameters())
+    assert torch.equal(module.weight.grad, grad) and module.bias.grad is None
 
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda: D.all_reduce_mean_(torch.tensor([1, 2])), ValueError, "floating point"),
     (lambda: D.all_gather_objects(("a",)), TypeError, "takes a list"),
+    (lambda: D.average_gradients_([nn.Parameter(torch.zeros(2))], bucket_numel=0), ValueError, "bucket_numel"),
+    (lambda: D.average_gradients_([_sparse_grad_parameter()]), ValueError, "sparse"),
 ])
 def test_bad_arguments_without_process_group(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def _sparse_grad_parameter() -> nn.Parameter:
+    embedding = nn.Embedding(4, 2, sparse=True)
+    embedding(torch.tensor([1])).sum().backward()
+    return embedding.weight
