@@ -52,6 +52,29 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def split_batch_size(global_batch_size: int, num_ranks: int | None = None, rank_index: int | None = None) -> int:
+    """This rank's share of a global batch, split as nnU-Net splits the labeled batch across DDP workers.
+
+    The first ``global_batch_size % num_ranks`` ranks get one sample more. Use it for batches nnU-Net does not
+    split itself (e.g. an explicit ``unlabeled_batch_size``) so that labeled and unlabeled shares match per rank.
+
+    Args:
+        global_batch_size: samples per step over all ranks.
+        num_ranks, rank_index: default the current process group's (1 and 0 without one).
+
+    Raises:
+        ValueError: fewer samples than ranks (a rank would get an empty batch) or a rank outside the group.
+    """
+    num_ranks = world_size() if num_ranks is None else num_ranks
+    rank_index = rank() if rank_index is None else rank_index
+    if num_ranks < 1 or not 0 <= rank_index < num_ranks:
+        raise ValueError(f"rank {rank_index} is not in a group of {num_ranks} rank(s)")
+    if global_batch_size < num_ranks:
+        raise ValueError(f"a global batch of {global_batch_size} sample(s) cannot be split over {num_ranks} ranks "
+                         f"(every rank needs at least one sample)")
+    return global_batch_size // num_ranks + int(rank_index < global_batch_size % num_ranks)
+
+
 def _active() -> bool:
     return is_distributed() and dist.get_world_size() > 1
 

@@ -165,10 +165,25 @@ def scenario_average_gradients(rank: int) -> dict:
     plain(batch).pow(2).mean().backward()
     D.average_gradients_(plain.parameters())
     wrapped(batch).pow(2).mean().backward()
+
+    # the trainers' case: the network is DDP-wrapped (nnU-Net does it) but the training forward uses the unwrapped
+    # module (feature taps): DDP's reducer must stay out of the way for several steps, the manual mean does the work
+    bypassed = nn.parallel.DistributedDataParallel(make_mlp(seed=0))
+    optimizer = torch.optim.SGD(bypassed.parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        bypassed.module(ema_batch(rank, step)).pow(2).mean().backward()
+        D.average_gradients_(bypassed.parameters())
+        optimizer.step()
+    with torch.no_grad():
+        bypassed.eval()
+        validation_output = bypassed(ema_batch(rank, step=5))  # validation goes through the wrapper
     return {
         "grads": [None if p.grad is None else p.grad.clone() for p in params],
         "manual": {name: p.grad.clone() for name, p in plain.named_parameters()},
         "ddp": {name: p.grad.clone() for name, p in wrapped.module.named_parameters()},
+        "bypassed": {name: p.detach().clone() for name, p in bypassed.module.named_parameters()},
+        "validation_output": validation_output,
         "count_mismatch": _error(lambda: D.average_gradients_(gradient_parameters()[: rank + 1])),
     }
 
@@ -366,6 +381,22 @@ def test_average_gradients_equals_ddp(ranks):
         assert torch.allclose(manual[name], ddp[name], rtol=1e-12, atol=1e-14), name
 
 
+def test_average_gradients_with_a_bypassed_ddp_wrapper_matches_one_process(ranks):
+    bypassed = assert_same_on_ranks(ranks, "average_gradients", "bypassed")
+    single = make_mlp(seed=0)
+    optimizer = torch.optim.SGD(single.parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        single(torch.cat([ema_batch(r, step) for r in range(WORLD)])).pow(2).mean().backward()
+        optimizer.step()
+    for name, value in single.named_parameters():
+        assert torch.allclose(bypassed[name], value.detach(), rtol=1e-12, atol=1e-14), name
+    with torch.no_grad():
+        for r in range(WORLD):
+            expected = single.eval()(ema_batch(r, step=5))
+            assert torch.allclose(ranks[r]["average_gradients"]["validation_output"], expected, atol=1e-12)
+
+
 def test_broadcast_module_copies_parameters_and_buffers(ranks):
     before = [r["broadcast"]["before"] for r in ranks]
     assert not torch.equal(before[0]["0.weight"], before[1]["0.weight"])  # the scenario starts from different state
@@ -422,6 +453,7 @@ def test_ema_teacher_and_queue_identical_and_equal_to_one_process(ranks):
 def test_identity_without_process_group():
     assert not dist.is_initialized()
     assert (D.is_distributed(), D.world_size(), D.rank()) == (False, 1, 0)
+    assert D.split_batch_size(3) == 3
     x = torch.randn(3, 2, requires_grad=True)
     gathered = D.all_gather_concat(x)
     assert torch.equal(gathered, x) and not gathered.requires_grad
@@ -444,7 +476,21 @@ def test_identity_without_process_group():
     assert torch.equal(module.weight.grad, grad) and module.bias.grad is None
 
 
+@pytest.mark.parametrize("global_batch, num_ranks, shares", [
+    (2, 1, [2]),
+    (4, 2, [2, 2]),
+    (5, 2, [3, 2]),
+    (7, 3, [3, 2, 2]),
+    (3, 3, [1, 1, 1]),
+])
+def test_split_batch_size(global_batch, num_ranks, shares):
+    got = [D.split_batch_size(global_batch, num_ranks, r) for r in range(num_ranks)]
+    assert got == shares and sum(got) == global_batch
+
+
 @pytest.mark.parametrize("call, error, message", [
+    (lambda: D.split_batch_size(1, 2, 0), ValueError, "cannot be split"),
+    (lambda: D.split_batch_size(4, 2, 2), ValueError, "not in a group"),
     (lambda: D.all_reduce_mean_(torch.tensor([1, 2])), ValueError, "floating point"),
     (lambda: D.all_gather_objects(("a",)), TypeError, "takes a list"),
     (lambda: D.average_gradients_([nn.Parameter(torch.zeros(2))], bucket_numel=0), ValueError, "bucket_numel"),
