@@ -79,16 +79,18 @@ def _active() -> bool:
     return is_distributed() and dist.get_world_size() > 1
 
 
-def _gather_shapes(tensor: torch.Tensor) -> list[tuple[int, ...]]:
-    """Every rank's shape of ``tensor`` (rank order), after checking that all ranks agree on ndim, trailing dims
-    and dtype. Every rank sees the same shapes, so every rank raises the same error (no rank is left waiting)."""
+def _gather_shapes(tensor: torch.Tensor, needs_grad: bool = False) -> list[tuple[int, ...]]:
+    """Every rank's shape of ``tensor`` (rank order), after checking that all ranks agree on ndim, trailing dims,
+    dtype and ``needs_grad``. Every rank sees the same metadata, so every rank raises the same error (no rank is
+    left waiting in a later collective)."""
     if tensor.dim() == 0:
         raise ValueError("expected a tensor with a first (batch/entry) dimension, got a 0-d tensor")
     if tensor.dim() > MAX_GATHER_DIMS:
         raise ValueError(f"tensors with more than {MAX_GATHER_DIMS} dimensions are not supported, got "
                          f"shape {tuple(tensor.shape)}")
     dtype_code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1
-    meta = torch.full((MAX_GATHER_DIMS + 2,), -1, dtype=torch.int64, device=tensor.device)
+    meta = torch.full((MAX_GATHER_DIMS + 3,), -1, dtype=torch.int64, device=tensor.device)
+    meta[-1] = int(needs_grad)
     meta[0] = dtype_code
     meta[1] = tensor.dim()
     meta[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
@@ -102,12 +104,15 @@ def _gather_shapes(tensor: torch.Tensor) -> list[tuple[int, ...]]:
     if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
         raise ValueError(f"all ranks must gather tensors that differ only in the first dimension, got shapes "
                          f"{shapes} (rank order)")
+    if any(m[-1] != metas[0][-1] for m in metas):
+        raise ValueError(f"all_gather_with_grad: the input requires grad on some ranks only "
+                         f"{[bool(m[-1]) for m in metas]} (rank order); backward would wait forever on the others")
     return shapes
 
 
-def _padded_all_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def _padded_all_gather(tensor: torch.Tensor, needs_grad: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Concatenation of every rank's ``tensor`` along dim 0 (rank order) and the per-rank sizes; no autograd."""
-    shapes = _gather_shapes(tensor)
+    shapes = _gather_shapes(tensor, needs_grad)
     sizes = [s[0] for s in shapes]
     longest = max(sizes)
     local = tensor.detach().contiguous()
@@ -145,7 +150,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        gathered, sizes = _padded_all_gather(tensor)
+        gathered, sizes = _padded_all_gather(tensor, needs_grad=ctx.needs_input_grad[0])
         start = sum(sizes[:dist.get_rank()])
         ctx.local_slice = (start, start + sizes[dist.get_rank()])
         return gathered
@@ -167,7 +172,9 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     loss gradient with respect to them (one ``all_reduce`` in backward, so every rank must run backward through
     the call, which DDP requires anyway). DDP then averages parameter gradients over ranks, so a trainer whose
     per-rank loss is ``L_r`` gets the gradient of ``mean_r L_r`` computed by one process on the concatenated
-    batch; if every rank computes the same global loss ``L``, the result is the gradient of ``L``.
+    batch; if every rank computes the same global loss ``L``, the result is the gradient of ``L``. The input
+    must require grad on all ranks or on none (ValueError on every rank otherwise), and every rank's loss must
+    depend on the result when any does.
 
     Args:
         tensor: ``[N_r, *F]`` on rank ``r``; ``N_r`` may differ between ranks and may be 0.

@@ -121,7 +121,10 @@ def _gather_with_grad_case(rank: int, rows: tuple[int, ...]) -> dict:
 
 
 def scenario_gather_with_grad(rank: int) -> dict:
-    return {"uneven": _gather_with_grad_case(rank, GRAD_ROWS), "empty": _gather_with_grad_case(rank, GRAD_EMPTY_ROWS)}
+    no_grad_on_rank_0 = torch.ones(2, 3, requires_grad=rank == 1)
+    return {"uneven": _gather_with_grad_case(rank, GRAD_ROWS), "empty": _gather_with_grad_case(rank, GRAD_EMPTY_ROWS),
+            "grad_mismatch": _error(lambda: D.all_gather_with_grad(no_grad_on_rank_0)),
+            "no_grad_anywhere": D.all_gather_with_grad(torch.full((rank + 1, 2), float(rank)))}
 
 
 def scenario_reduce(rank: int) -> dict:
@@ -348,6 +351,13 @@ def test_all_gather_with_grad_matches_one_process(ranks, case, rows):
         got = ranks[r]["gather_with_grad"][case]["leaf_grad"]
         assert got.shape == expected.shape
         assert torch.allclose(got, WORLD * expected, rtol=1e-10, atol=1e-12)
+
+
+def test_all_gather_with_grad_requires_grad_on_all_ranks_or_none(ranks):
+    for result in ranks:
+        assert "requires grad on some ranks only" in result["gather_with_grad"]["grad_mismatch"]
+    plain = assert_same_on_ranks(ranks, "gather_with_grad", "no_grad_anywhere")
+    assert torch.equal(plain, torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
 
 
 def test_all_reduce(ranks):
