@@ -6,8 +6,9 @@ building blocks; ``docs/ddp.md`` says which trainer calls which one at which hoo
 
 Conventions:
 
-* Every function is a collective when a process group with more than one rank is initialised: **every rank must
-  call it, in the same order** (a rank that skips a call deadlocks the others). Without a process group, or with
+* Every exchange function (all but ``is_distributed``, ``world_size``, ``rank``, ``split_batch_size``) is a
+  collective when a process group with more than one rank is initialised: **every rank must call it, in the same
+  order** (a rank that skips a call deadlocks the others). Without a process group, or with
   world size 1, every function is the identity (or the trivial answer), so single-process training pays nothing.
 * Results are in rank order: rank 0's entries first, then rank 1's, ... Every rank receives the same result.
 * Tensors are exchanged on their own device: with the NCCL backend (nnU-Net's) they must be CUDA tensors of the
