@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,14 @@ def console_script(name: str) -> str:
     if not candidate.exists():
         pytest.fail(f"{name} is not installed next to {sys.executable}; install nnunet-ext into this environment")
     return str(candidate)
+
+
+def run_cli(cmd: list[str], env: dict, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command line in a fresh process; with ``check``, fail the test with the output tails on a non-zero exit."""
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
 
 
 @pytest.fixture

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
+from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 from helpers_nnunet import make_tiny_dataset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -21,12 +20,6 @@ DATASET = 995
 NAME = "ActionSmoke"
 PLANS = "nnUNetCPUPlans"
 
-
-def run(cmd: list[str], env: dict, timeout: int = 1200) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
 
 
 def fold_folder(root, trainer):
@@ -39,15 +32,15 @@ def prepared(tmp_path_factory):
     env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
     make_tiny_dataset(root / "nnUNet_raw", dataset_id=DATASET, name=NAME, n_labelled=6, n_unlabeled=4,
                       shape=(24, 28, 32))
-    run([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
+    run_cli([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
          "-np", "1"], env)
-    run([console_script("nnunet-ext"), "preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_fullres",
+    run_cli([console_script("nnunet-ext"), "preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_fullres",
          "-p", PLANS], env)
     return {"root": root, "env": {**env, "nnUNet_n_proc_DA": "0"}}
 
 
 def train(prepared, trainer, *extra):
-    return run([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", trainer, "-p", PLANS,
+    return run_cli([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", trainer, "-p", PLANS,
                 "-device", "cpu", *extra], prepared["env"])
 
 
@@ -64,11 +57,11 @@ def predict_and_evaluate(prepared, trainer) -> dict:
         for image in raw.glob(f"imagesTr/{case}_*.nii.gz"):
             (inputs / image.name).symlink_to(image)
         (gt / f"{case}.nii.gz").symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
-    run([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
+    run_cli([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
          "-c", "3d_fullres", "-tr", trainer, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
          "-npp", "1", "-nps", "1"], env)
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in cases)
-    run([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
+    run_cli([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
     return json.loads((out / "summary.json").read_text())
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
+from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 from helpers_nnunet import make_tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -23,12 +22,6 @@ TRAINER = "CAMLTrainer_smoke"
 PLANS = "nnUNetCPUPlans"
 LOG_KEYS = ("caml_l_sup", "caml_l_c", "caml_l_o", "caml_ramp", "caml_occ_rows", "caml_mem_classes")
 
-
-def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
 
 
 def train_cmd(*extra: str) -> list[str]:
@@ -42,12 +35,12 @@ def trained(tmp_path_factory):
     env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
     make_tiny_dataset(root / "nnUNet_raw", dataset_id=DATASET, name=NAME, n_labelled=8, n_unlabeled=4,
                       shape=(24, 28, 32))
-    run([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
+    run_cli([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
          "-np", "1"], env)
     train_env = {**env, "nnUNet_n_proc_DA": "0"}
-    run([console_script("nnunet-ext"), "preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_fullres",
+    run_cli([console_script("nnunet-ext"), "preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_fullres",
          "-p", PLANS], env)
-    run(train_cmd(), train_env)
+    run_cli(train_cmd(), train_env)
     fold = root / "nnUNet_results" / f"Dataset{DATASET:03d}_{NAME}" / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
     return {"root": root, "env": train_env, "fold": fold}
 
@@ -79,7 +72,7 @@ def test_checkpoint_holds_stock_network_and_caml_state(trained):
 def test_resume_with_c_keeps_memory_bank_and_models(trained):
     fold = trained["fold"]
     before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    run(train_cmd("--c"), trained["env"])
+    run_cli(train_cmd("--c"), trained["env"])
     after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     for name, tensor in before["nnunet_ext"]["state"]["extra_modules"].items():
         assert torch.equal(tensor, after["nnunet_ext"]["state"]["extra_modules"][name]), name
@@ -105,11 +98,11 @@ def test_predict_in_fresh_process_and_evaluate(trained):
             (inputs / image.name).symlink_to(image)
         (gt / f"{case}.nii.gz").symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
     out = root / "predict_out"
-    run([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
+    run_cli([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
          "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
          "-npp", "1", "-nps", "1"], env)
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in val_cases)
-    run([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
+    run_cli([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["mean"]) == {"1", "2"}
     assert all(0.0 <= summary["mean"][k]["Dice"] <= 1.0 or math.isnan(summary["mean"][k]["Dice"])

@@ -11,13 +11,12 @@ import csv
 import json
 import math
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 from cfcml_fixtures import planned_classification_root
-from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
+from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +26,6 @@ TRAINER = "CFCMLTrainer_smoke"
 PLANS = "nnUNetCPUPlans_CFCML"
 
 
-def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -40,10 +33,10 @@ def trained(tmp_path_factory):
     root = shutil.copytree(source, tmp_path_factory.mktemp("e2e_cfcml") / "root")
     env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
     raw = root / "nnUNet_raw" / f"Dataset{DATASET:03d}_{NAME}"
-    run([console_script("nnunet-ext"), "configure", "cfcml", "-d", str(DATASET), "-p", "nnUNetCPUPlans", "-o",
+    run_cli([console_script("nnunet-ext"), "configure", "cfcml", "-d", str(DATASET), "-p", "nnUNetCPUPlans", "-o",
          PLANS], env)
     train_env = {**env, "nnUNet_n_proc_DA": "0"}
-    run([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
+    run_cli([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
         train_env)
     fold = root / "nnUNet_results" / f"Dataset{DATASET:03d}_{NAME}" / f"{TRAINER}__{PLANS}__2d" / "fold_0"
     return {"root": root, "raw": raw, "env": train_env, "fold": fold}
@@ -77,7 +70,7 @@ def test_training_writes_classification_outputs(trained):
 def test_resume_with_c_keeps_state(trained):
     fold = trained["fold"]
     before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    run([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+    run_cli([console_script("nnUNetv2_train"), str(DATASET), "2d", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
          "--c"], trained["env"])
     after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     # training had finished: --c loads, re-saves and re-validates without changing a value
@@ -92,7 +85,7 @@ def test_resume_with_c_keeps_state(trained):
 def test_predict_cls_in_fresh_process_and_evaluate(trained):
     root, raw, env = trained["root"], trained["raw"], trained["env"]
     out = root / "predictions.csv"
-    run([console_script("nnunet-ext"), "predict-cls", "-i", str(raw / "imagesTs"), "-t", str(raw / "tabular.csv"),
+    run_cli([console_script("nnunet-ext"), "predict-cls", "-i", str(raw / "imagesTs"), "-t", str(raw / "tabular.csv"),
          "-o", str(out), "-d", str(DATASET), "-c", "2d", "-f", "0", "-tr", TRAINER, "-p", PLANS], env)
     rows = list(csv.DictReader(open(out)))
     assert [r["case_id"] for r in rows] == ["ts_000", "ts_001", "ts_002"]
@@ -125,7 +118,7 @@ def test_predict_cls_in_fresh_process_and_evaluate(trained):
     # labelled test rows evaluate through the CLI
     labels = root / "labels.csv"
     labels.write_text("case_id,label\nts_000,benign\nts_001,atypical\nts_002,malignant\n")
-    metrics = json.loads(run([console_script("nnunet-ext"), "evaluate-cls", str(out), str(labels)], env).stdout)
+    metrics = json.loads(run_cli([console_script("nnunet-ext"), "evaluate-cls", str(out), str(labels)], env).stdout)
     assert metrics["num_cases"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
 
 
@@ -153,7 +146,7 @@ def test_predict_cls_errors(trained, monkeypatch):
 def test_stock_nnunet_predict_writes_segmentations(trained):
     root, raw, env = trained["root"], trained["raw"], trained["env"]
     out = root / "seg_out"
-    run([console_script("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET),
+    run_cli([console_script("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET),
          "-c", "2d", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1",
          "-nps", "1"], env)
     assert sorted(p.name for p in out.glob("*.png")) == ["ts_000.png", "ts_001.png", "ts_002.png"]

@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
+from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 from helpers_nnunet import make_tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -26,12 +25,6 @@ CONFIG = {"subtasks": [{"name": "a", "targets": ["a"], "primary": "CT", "auxilia
           "beta": 1e-2}
 
 
-def run(cmd: list[str], env: dict, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -39,14 +32,14 @@ def trained(tmp_path_factory):
     env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
     make_tiny_dataset(root / "nnUNet_raw", dataset_id=DATASET, name="CimlCli", n_labelled=8, n_unlabeled=0,
                       shape=(24, 28, 32))
-    run([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
+    run_cli([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
          "-np", "1"], env)
     config = root / "ciml.json"
     config.write_text(json.dumps(CONFIG))
-    run([console_script("nnunet-ext"), "configure", "ciml", "-d", str(DATASET), "-p", "nnUNetCPUPlans",
+    run_cli([console_script("nnunet-ext"), "configure", "ciml", "-d", str(DATASET), "-p", "nnUNetCPUPlans",
          "-o", PLANS, "--config", str(config)], env)
     train_env = {**env, "nnUNet_n_proc_DA": "0"}
-    run([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+    run_cli([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
          "-device", "cpu"], train_env)
     fold = root / "nnUNet_results" / NAME / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
     raw = root / "nnUNet_raw" / NAME
@@ -73,7 +66,7 @@ def test_configure_wrote_a_derived_plans_file(trained):
 def test_configure_rejects_an_unknown_modality_before_training(trained, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"subtasks": [{"name": "a", "targets": "all", "primary": "PET"}]}))
-    result = run([console_script("nnunet-ext"), "configure", "ciml", "-d", str(DATASET), "-p", "nnUNetCPUPlans",
+    result = run_cli([console_script("nnunet-ext"), "configure", "ciml", "-d", str(DATASET), "-p", "nnUNetCPUPlans",
                   "-o", "nnUNetCPUPlans_BAD", "--config", str(bad)], trained["env"], check=False)
     assert result.returncode != 0 and "'PET' is not in the dataset's channel_names" in result.stderr
 
@@ -96,7 +89,7 @@ def test_training_writes_ciml_state_logs_and_validation(trained):
 def test_resume_with_c_keeps_everything(trained):
     fold = trained["fold"]
     before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    run([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+    run_cli([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
          "-device", "cpu", "--c"], trained["env"])
     after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     for name, tensor in before["network_weights"].items():
@@ -108,7 +101,7 @@ def test_resume_with_c_keeps_everything(trained):
 def test_predict_in_a_fresh_process_and_evaluate(trained):
     root, env = trained["root"], trained["env"]
     out = root / "predict_out"
-    run([console_script("nnUNetv2_predict"), "-i", str(trained["inputs"]), "-o", str(out), "-d", str(DATASET),
+    run_cli([console_script("nnUNetv2_predict"), "-i", str(trained["inputs"]), "-o", str(out), "-d", str(DATASET),
          "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
          "-npp", "1", "-nps", "1"], env)
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in trained["val_cases"])
@@ -116,14 +109,14 @@ def test_predict_in_a_fresh_process_and_evaluate(trained):
     gt.mkdir()
     for case in trained["val_cases"]:
         (gt / f"{case}.nii.gz").symlink_to(trained["raw"] / "labelsTr" / f"{case}.nii.gz")
-    run([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
+    run_cli([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["mean"]) == {"1", "2"}
 
 
 def test_explain_writes_aligned_maps_overlays_and_a_table(trained):
     out = trained["root"] / "explain_out"
-    run([console_script("nnunet-ext"), "explain", "-i", str(trained["inputs"]), "-o", str(out), "-d", str(DATASET),
+    run_cli([console_script("nnunet-ext"), "explain", "-i", str(trained["inputs"]), "-o", str(out), "-d", str(DATASET),
          "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu"], trained["env"])
     case = trained["val_cases"][0]
     reference = sitk.ReadImage(str(trained["inputs"] / f"{case}_0001.nii.gz"))
@@ -154,18 +147,18 @@ def test_predict_with_a_missing_auxiliary_modality(trained):
     for image in trained["inputs"].glob("*_0000.nii.gz"):
         (only_ct / image.name).symlink_to(image.resolve())
     out = root / "predict_missing"
-    run([console_script("nnunet-ext"), "predict", "-i", str(only_ct), "-o", str(out), "-d", str(DATASET),
+    run_cli([console_script("nnunet-ext"), "predict", "-i", str(only_ct), "-o", str(out), "-d", str(DATASET),
          "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
          "--missing", "MRI"], env)
     for case in trained["val_cases"]:
         prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
         assert prediction.GetSize() == sitk.ReadImage(str(only_ct / f"{case}_0000.nii.gz")).GetSize()
     assert sorted(p.name for p in only_ct.iterdir()) == sorted(p.name for p in trained["inputs"].glob("*_0000*"))
-    primary = run([console_script("nnunet-ext"), "predict", "-i", str(trained["inputs"]), "-o", str(root / "x"),
+    primary = run_cli([console_script("nnunet-ext"), "predict", "-i", str(trained["inputs"]), "-o", str(root / "x"),
                    "-d", str(DATASET), "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0",
                    "-device", "cpu", "--missing", "CT"], env, check=False)
     assert primary.returncode != 0 and "primary modality" in primary.stderr
-    absent = run([console_script("nnunet-ext"), "predict", "-i", str(only_ct), "-o", str(root / "y"),
+    absent = run_cli([console_script("nnunet-ext"), "predict", "-i", str(only_ct), "-o", str(root / "y"),
                   "-d", str(DATASET), "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0",
                   "-device", "cpu"], env, check=False)
     assert absent.returncode != 0 and "lacks channel file" in absent.stderr

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, subprocess_env
+from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 from helpers_nnunet import make_tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -21,12 +20,6 @@ TRAINER = "ExtSmokeTrainer"
 PLANS = "nnUNetCPUPlans"
 
 
-def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -34,12 +27,12 @@ def trained(tmp_path_factory):
     env = subprocess_env(root, extra_trainer_dirs=(TEST_TRAINERS_DIR,))
     make_tiny_dataset(root / "nnUNet_raw", dataset_id=DATASET, name="Smoke", n_labelled=8, n_unlabeled=4,
                       shape=(24, 28, 32))
-    run([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
+    run_cli([console_script("nnunet-ext"), "plan", "-d", str(DATASET), "-pl", "CPUPlanner", "-c", "3d_fullres",
          "-np", "1"], env)
-    run([console_script("nnunet-ext"), "preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_fullres",
+    run_cli([console_script("nnunet-ext"), "preprocess-unlabeled", "-d", str(DATASET), "-c", "3d_fullres",
          "-p", PLANS], env)
     train_env = {**env, "nnUNet_n_proc_DA": "0"}
-    train = run([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+    train = run_cli([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
                  "-device", "cpu"], train_env)
     fold = root / "nnUNet_results" / f"Dataset{DATASET:03d}_Smoke" / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
     return {"root": root, "env": train_env, "fold": fold, "train_stdout": train.stdout}
@@ -66,7 +59,7 @@ def test_training_writes_extra_state_logs_and_progress(trained):
 def test_resume_with_c_restores_extra_state_bit_for_bit(trained):
     fold = trained["fold"]
     before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    run([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+    run_cli([console_script("nnUNetv2_train"), str(DATASET), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
          "-device", "cpu", "--c"], trained["env"])
     after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     # training had already finished, so --c loads, re-saves and must not change a single value
@@ -92,11 +85,11 @@ def test_predict_in_fresh_process_and_evaluate(trained):
             (inputs / image.name).symlink_to(image)
         (gt / f"{case}.nii.gz").symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
     out = root / "predict_out"
-    run([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
+    run_cli([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
          "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
          "-npp", "1", "-nps", "1"], env)
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in val_cases)
-    run([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
+    run_cli([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["mean"]) == {"1", "2"}
     assert all(0.0 <= summary["mean"][k]["Dice"] <= 1.0 or math.isnan(summary["mean"][k]["Dice"])
