@@ -51,11 +51,20 @@ def test_demo_command_end_to_end(tmp_path):
     """The README's main job with the smallest budget: every step through the real CLI."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update({"OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg"})
+    # one of our trainers (a semi-supervised one: unlabeled preprocessing is part of the pipeline); every trainer
+    # has its own end-to-end test, and default_demo_trainers() is tested without training
     out = subprocess.run([console_script("nnunet-ext"), "demo", "--work-dir", str(tmp_path), "--epochs", "1",
-                          "--iterations", "2"], capture_output=True, text=True, env=env, timeout=1200)
+                          "--iterations", "2", "--trainers", "ACTIONTrainer"], capture_output=True, text=True,
+                         env=env, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "demo_results.json").read_text())
-    assert rows[0]["trainer"] == "nnUNetTrainer"
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "ACTIONTrainer"]
     assert all(0.0 <= r["mean_dice"] <= 1.0 and r["seconds_per_iteration"] > 0 for r in rows)
     assert "| nnUNetTrainer |" in (tmp_path / "demo_report.md").read_text()
     assert len(list((tmp_path / "predictions" / "nnUNetTrainer_e1i2").glob("*.nii.gz"))) == 6
+
+
+def test_demo_trains_every_main_segmentation_trainer():
+    from nnunet_ext.benchmark.demo import default_demo_trainers
+
+    assert sorted(default_demo_trainers()) == ["ACTIONPlusPlusTrainer", "ACTIONTrainer", "CAMLTrainer", "CIMLTrainer"]
