@@ -120,7 +120,12 @@ def _cmd_configure(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.config}: expected a JSON object with {args.method} settings")
     folder = os.path.join(nnUNet_preprocessed.require(), maybe_convert_to_dataset_name(args.d))
     target = args.o or f"{args.p}_{args.method.upper()}"
-    path = write_derived_plans(folder, args.p, target, args.method, settings, overwrite=args.overwrite)
+    try:
+        path = write_derived_plans(folder, args.p, target, args.method, settings, overwrite=args.overwrite)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as error:
+        # bad settings, unknown keys, missing source plans, existing target: the message says what and where
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise SystemExit(f"nnunet-ext configure {args.method}: {message}") from None
     print(f"Wrote {path}  (train with: nnUNetv2_train {args.d} CONFIG FOLD -tr <Trainer> -p {target})")
     return 0
 

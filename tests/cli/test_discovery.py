@@ -103,3 +103,12 @@ def test_doctor_reports_each_trainer(tmp_path):
 def test_bad_command_lines_fail_early(argv):
     out = subprocess.run([console_script("nnunet-ext"), *argv], capture_output=True, text=True)
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_configure_errors_are_messages_not_tracebacks(tmp_path):
+    env = {**os.environ, "nnUNet_preprocessed": str(tmp_path)}
+    (tmp_path / "Dataset001_X").mkdir()
+    out = subprocess.run([console_script("nnunet-ext"), "configure", "caml", "-d", "Dataset001_X"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "plan the dataset first" in out.stderr, out.stderr
