@@ -2,6 +2,7 @@
 stage, so a run crosses both stage boundaries. Absolute imports from the installed trainer package only."""
 import torch
 
+from nnunet_ext.training.budget import set_budget
 from nnunet_ext_trainers.action_trainers import ACTIONPlusPlusTrainer, ACTIONTrainer
 
 
@@ -12,10 +13,7 @@ class ACTIONTrainer_smoke(ACTIONTrainer):
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 3
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        set_budget(self, epochs=3, iterations=2, val_iterations=1, save_every=1)
 
 
 class ACTIONPlusPlusTrainer_smoke(ACTIONPlusPlusTrainer):
@@ -26,7 +24,4 @@ class ACTIONPlusPlusTrainer_smoke(ACTIONPlusPlusTrainer):
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 3
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        set_budget(self, epochs=3, iterations=2, val_iterations=1, save_every=1)

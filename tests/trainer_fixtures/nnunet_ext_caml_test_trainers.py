@@ -1,6 +1,7 @@
 """Test-only CAML trainers with a tiny budget, found by nnU-Net through the test trainers folder."""
 import torch
 
+from nnunet_ext.training.budget import set_budget
 from nnunet_ext_trainers.caml_trainers import CAMLTrainer
 
 
@@ -14,7 +15,4 @@ class CAMLTrainer_smoke(CAMLTrainer):
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        set_budget(self, epochs=2, iterations=2, val_iterations=1, save_every=1)

@@ -5,15 +5,13 @@ They subclass the shipped trainer hooks by absolute import, as a user's own vari
 import torch
 
 from nnunet_ext.cfcml.trainer import CFCMLTrainerCore
+from nnunet_ext.training.budget import set_budget
 
 
 class CFCMLTrainer_smoke(CFCMLTrainerCore):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        set_budget(self, epochs=2, iterations=2, val_iterations=1, save_every=1)
 
 
 class CFCMLTrainer_tabularOnly_smoke(CFCMLTrainer_smoke):

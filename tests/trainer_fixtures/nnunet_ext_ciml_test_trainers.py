@@ -8,15 +8,13 @@ would stay in ``sys.modules`` and defeat the discovery test's eviction check.
 import torch
 
 from nnunet_ext.ciml.trainer import CIMLTrainerBase
+from nnunet_ext.training.budget import set_budget
 
 
 class CIMLTrainer_smoke(CIMLTrainerBase):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        set_budget(self, epochs=2, iterations=2, val_iterations=1, save_every=1)
 
 
 class CIMLTrainer_noMessages_smoke(CIMLTrainer_smoke):

@@ -12,6 +12,7 @@ import torch
 from nnunet_ext.training.ema import ema_update
 from nnunet_ext.training.semi_supervised import ExtSemiSupervisedTrainerBase
 from nnunet_ext.training.step import fp32_context
+from nnunet_ext.training.budget import set_budget
 
 
 class ExtSmokeTrainer(ExtSemiSupervisedTrainerBase):
@@ -21,10 +22,7 @@ class ExtSmokeTrainer(ExtSemiSupervisedTrainerBase):
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        set_budget(self, epochs=2, iterations=2, val_iterations=1, save_every=1)
 
     def build_extra_modules(self):
         teacher = copy.deepcopy(self.network).requires_grad_(False)
