@@ -31,6 +31,41 @@ def run_cli(cmd: list[str], env: dict, timeout: int = 900, check: bool = True) -
     return result
 
 
+def predict_validation_cases_and_evaluate(root: Path, dataset_id: int, dataset_name: str, trainer: str, plans: str,
+                                          env: dict, labels: tuple[str, ...] = ("1", "2"),
+                                          configuration: str = "3d_fullres") -> dict:
+    """``nnUNetv2_predict`` (fresh process, fold 0, no TTA) on fold 0's validation cases of a raw dataset under
+    ``root``, then ``nnUNetv2_evaluate_simple`` against their labels; returns nnU-Net's ``summary.json``.
+
+    Checks that exactly the validation cases were predicted and that every mean Dice is in [0, 1] (or NaN).
+    Inputs, references and predictions go to ``root/{in,gt,out}_<trainer>``.
+    """
+    import json
+    import math
+
+    folder = f"Dataset{dataset_id:03d}_{dataset_name}"
+    raw = root / "nnUNet_raw" / folder
+    splits = json.loads((root / "nnUNet_preprocessed" / folder / "splits_final.json").read_text())
+    cases = splits[0]["val"]
+    inputs, gt, out = root / f"in_{trainer}", root / f"gt_{trainer}", root / f"out_{trainer}"
+    inputs.mkdir()
+    gt.mkdir()
+    for case in cases:
+        for image in raw.glob(f"imagesTr/{case}_*.nii.gz"):
+            (inputs / image.name).symlink_to(image)
+        (gt / f"{case}.nii.gz").symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
+    run_cli([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(dataset_id),
+             "-c", configuration, "-tr", trainer, "-p", plans, "-f", "0", "-device", "cpu", "--disable_tta",
+             "-npp", "1", "-nps", "1"], env)
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in cases)
+    run_cli([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", *labels, "-np", "1"], env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean"]) == set(labels)
+    assert all(0.0 <= summary["mean"][k]["Dice"] <= 1.0 or math.isnan(summary["mean"][k]["Dice"])
+               for k in summary["mean"])
+    return summary
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

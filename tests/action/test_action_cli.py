@@ -5,12 +5,12 @@ one-epoch stages) -> ``--c`` -> ``nnUNetv2_predict`` -> nnU-Net's evaluation; AC
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
+from conftest import (TEST_TRAINERS_DIR, console_script, predict_validation_cases_and_evaluate, run_cli,
+                      subprocess_env)
 from helpers_nnunet import make_tiny_dataset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -44,27 +44,6 @@ def train(prepared, trainer, *extra):
                 "-device", "cpu", *extra], prepared["env"])
 
 
-def predict_and_evaluate(prepared, trainer) -> dict:
-    root, env = prepared["root"], prepared["env"]
-    raw = root / "nnUNet_raw" / f"Dataset{DATASET:03d}_{NAME}"
-    splits = json.loads((root / "nnUNet_preprocessed" / f"Dataset{DATASET:03d}_{NAME}" / "splits_final.json")
-                        .read_text())
-    cases = splits[0]["val"]
-    inputs, gt, out = root / f"in_{trainer}", root / f"gt_{trainer}", root / f"out_{trainer}"
-    inputs.mkdir()
-    gt.mkdir()
-    for case in cases:
-        for image in raw.glob(f"imagesTr/{case}_*.nii.gz"):
-            (inputs / image.name).symlink_to(image)
-        (gt / f"{case}.nii.gz").symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
-    run_cli([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
-         "-c", "3d_fullres", "-tr", trainer, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
-         "-npp", "1", "-nps", "1"], env)
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in cases)
-    run_cli([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
-    return json.loads((out / "summary.json").read_text())
-
-
 def test_action_trains_through_all_stages_resumes_and_predicts(prepared):
     trainer = "ACTIONTrainer_smoke"
     train(prepared, trainer)
@@ -91,8 +70,7 @@ def test_action_trains_through_all_stages_resumes_and_predicts(prepared):
         assert torch.equal(tensor, after["network_weights"][name]), name
     assert after["nnunet_ext"]["state"]["stage"] == 2
 
-    summary = predict_and_evaluate(prepared, trainer)
-    assert set(summary["mean"]) == {"1", "2"}
+    predict_validation_cases_and_evaluate(prepared["root"], DATASET, NAME, trainer, PLANS, prepared["env"])
 
 
 def test_action_plus_plus_trains_through_all_stages(prepared):

@@ -5,12 +5,12 @@ trainer built on the shared plumbing -> ``--c`` resume -> ``nnUNetv2_predict`` -
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
+from conftest import (TEST_TRAINERS_DIR, console_script, predict_validation_cases_and_evaluate, run_cli,
+                      subprocess_env)
 from helpers_nnunet import make_tiny_dataset
 
 pytestmark = pytest.mark.slow
@@ -72,25 +72,4 @@ def test_resume_with_c_restores_extra_state_bit_for_bit(trained):
 
 
 def test_predict_in_fresh_process_and_evaluate(trained):
-    root, env = trained["root"], trained["env"]
-    raw = root / "nnUNet_raw" / f"Dataset{DATASET:03d}_Smoke"
-    splits = json.loads((root / "nnUNet_preprocessed" / f"Dataset{DATASET:03d}_Smoke" / "splits_final.json")
-                        .read_text())
-    val_cases = splits[0]["val"]
-    inputs, gt = root / "predict_in", root / "predict_gt"
-    inputs.mkdir()
-    gt.mkdir()
-    for case in val_cases:
-        for image in raw.glob(f"imagesTr/{case}_*.nii.gz"):
-            (inputs / image.name).symlink_to(image)
-        (gt / f"{case}.nii.gz").symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
-    out = root / "predict_out"
-    run_cli([console_script("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(DATASET),
-         "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
-         "-npp", "1", "-nps", "1"], env)
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in val_cases)
-    run_cli([console_script("nnUNetv2_evaluate_simple"), str(gt), str(out), "-l", "1", "2", "-np", "1"], env)
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["mean"]) == {"1", "2"}
-    assert all(0.0 <= summary["mean"][k]["Dice"] <= 1.0 or math.isnan(summary["mean"][k]["Dice"])
-               for k in summary["mean"])
+    predict_validation_cases_and_evaluate(trained["root"], DATASET, "Smoke", TRAINER, PLANS, trained["env"])
