@@ -9,7 +9,10 @@ It adds, without copying any of nnU-Net's method bodies:
 * extra per-epoch values in the log and in ``progress.png`` (``extra_log_keys``);
 * extra checkpoint state under the ``nnunet_ext`` key, restored by ``nnUNetv2_train --c``;
 * per-dataset method settings read from the plans (``method_settings``);
-* a clear refusal of setups a method does not support (DDP, cascade).
+* a clear refusal of setups a method does not support (DDP, cascade);
+* multi-GPU (DDP) wiring for the methods that declare ``supports_ddp`` (``docs/ddp.md`` rules R1-R5): extra modules
+  broadcast from rank 0 after ``initialize``, gradients of every optimised parameter averaged over ranks in the
+  shared step, global means of the extra log values, per-rank RNG states in the checkpoint.
 
 Hyper-parameters are class attributes; variants are tiny subclasses, as in nnU-Net's ``variants/`` folder.
 """
@@ -24,10 +27,18 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from torch import nn
 
+from nnunet_ext.compat import unwrap
 from nnunet_ext.plans import METHOD_FAMILIES, method_settings
 from nnunet_ext.training.checkpoint import add_extra_state, read_extra_state
+from nnunet_ext.training.distributed import (
+    all_gather_objects,
+    average_gradients_,
+    broadcast_module_,
+    rank,
+    world_size,
+)
 from nnunet_ext.training.logging import ExtLocalLogger, log_epoch_values, register_log_keys
-from nnunet_ext.training.step import autocast_context, optimise_step
+from nnunet_ext.training.step import autocast_context, optimise_step, optimised_parameters
 
 
 def move_to_device(value: Any, device: torch.device) -> Any:
@@ -47,6 +58,10 @@ class ExtTrainerBase(nnUNetTrainer):
         extra_log_keys: per-epoch values logged besides nnU-Net's; ``compute_loss`` may return them as
             components (averaged over the epoch's steps), everything else is logged as NaN.
         supports_ddp: False makes ``initialize`` refuse ``-num_gpus > 1`` with a clear message.
+        network_gradients_via_ddp: True if ``compute_loss`` runs the network through the DDP wrapper
+            (``self.network(...)``) for every parameter, so DDP already averaged the network's gradients and the
+            shared step averages only the other optimised parameters. False (default, always correct): every
+            optimised parameter is averaged by the step (forwards through ``unwrap(self.network)`` bypass DDP).
         supports_cascade: False refuses cascade configurations (previous-stage segmentations as input).
         clip_norm: gradient clipping norm over all optimised parameters (nnU-Net: 12).
         task_kind: ``"segmentation"`` or ``"classification"`` (sidecar classifiers such as CFCML); the demo and the
@@ -57,6 +72,7 @@ class ExtTrainerBase(nnUNetTrainer):
     task_kind: ClassVar[str] = "segmentation"
     extra_log_keys: ClassVar[tuple[str, ...]] = ()
     supports_ddp: ClassVar[bool] = False
+    network_gradients_via_ddp: ClassVar[bool] = False
     supports_cascade: ClassVar[bool] = False
     clip_norm: ClassVar[float] = 12.0
 
@@ -84,6 +100,18 @@ class ExtTrainerBase(nnUNetTrainer):
         self.check_supported_setup()
         super().initialize()
         register_log_keys(self, self.extra_log_keys)
+        self.synchronise_modules()
+
+    def synchronise_modules(self) -> None:
+        """Multi-GPU: make rank 0's network and extra modules everyone's (R1 of ``docs/ddp.md``).
+
+        Extra modules are built in ``configure_optimizers``, before nnU-Net wraps the network in DDP, with
+        rank-dependent random initialisation (teachers copied from a rank's own network, heads, peer models).
+        In place, so the optimiser's parameter references stay valid. A collective; nothing without DDP.
+        """
+        if world_size() > 1:
+            broadcast_module_(self.extra_modules, src=0)
+            broadcast_module_(self.network, src=0)  # DDP did this at wrap time; kept for symmetry with --c
 
     def check_supported_setup(self) -> None:
         """Refuse DDP and cascade configurations the method does not support, before anything is built."""
@@ -145,16 +173,38 @@ class ExtTrainerBase(nnUNetTrainer):
         if unknown:
             raise KeyError(f"{type(self).__name__}.compute_loss returned components {sorted(unknown)} that are not "
                            f"in extra_log_keys {self.extra_log_keys}")
-        optimise_step(self.optimizer, loss, self.grad_scaler, clip_norm=self.clip_norm)
+        optimise_step(self.optimizer, loss, self.grad_scaler, clip_norm=self.clip_norm,
+                      synchronise_gradients=self.synchronise_gradients if world_size() > 1 else None)
         self.after_optimizer_step()
         result = {"loss": loss.detach().cpu().numpy()}
         result.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, v in components.items()})
         return result
 
+    def synchronise_gradients(self) -> None:
+        """Multi-GPU, between backward and unscale/clip/step: every optimised parameter's gradient becomes the mean
+        over ranks (R2 of ``docs/ddp.md``), as DDP would average it.
+
+        Needed because the methods' forwards bypass the DDP wrapper (feature taps on the unwrapped network) and
+        their heads and peer models are not inside DDP at all. A parameter without a gradient on some rank (a head
+        skipped in this step) counts as zero there; without a gradient on every rank it stays ``None``, so no
+        "unused parameters" error can arise. Network parameters are skipped when ``network_gradients_via_ddp``.
+        """
+        parameters = optimised_parameters(self.optimizer)
+        if self.network_gradients_via_ddp:
+            network = {id(p) for p in unwrap(self.network).parameters()}
+            parameters = [p for p in parameters if id(p) not in network]
+        average_gradients_(parameters)
+
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
-        means = {k: float(np.mean(outputs[k])) for k in self.extra_log_keys if k in outputs}
+        values = {k: np.asarray(outputs[k]).ravel() for k in self.extra_log_keys if k in outputs}
+        if world_size() > 1:
+            # R4: every rank logs the mean over all ranks' steps (nnU-Net gathers its train loss the same way)
+            per_rank = all_gather_objects([values])
+            values = {k: np.concatenate([r[k] for r in per_rank if k in r])
+                      for k in self.extra_log_keys if any(k in r for r in per_rank)}
+        means = {k: float(np.mean(v)) for k, v in values.items()}
         log_epoch_values(self, means, self.extra_log_keys)
 
     def on_epoch_end(self) -> None:
@@ -164,15 +214,19 @@ class ExtTrainerBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> dict[str, Any]:
-        """State saved under ``checkpoint['nnunet_ext']['state']``. Subclasses extend the dict of ``super()``."""
+        """State saved under ``checkpoint['nnunet_ext']['state']``. Subclasses extend the dict of ``super()``.
+
+        Written by rank 0 only under DDP, so it must not call collectives; everything in it is identical on all
+        ranks except the RNG states, which :meth:`save_checkpoint` gathers beforehand (``rng_per_rank``).
+        """
         return {
             "extra_modules": self.extra_modules.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": self._host_rng_state(),
         }
+
+    @staticmethod
+    def _host_rng_state() -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
     def prepare_for_extra_state(self, state: dict[str, Any]) -> None:
         """Called before nnU-Net loads the checkpoint: make the optimiser's parameter groups match the saved
@@ -181,16 +235,34 @@ class ExtTrainerBase(nnUNetTrainer):
     def restore_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_checkpoint_state` saved. Subclasses call ``super()`` and restore the rest."""
         self.extra_modules.load_state_dict(state["extra_modules"], strict=True)
-        rng = state.get("rng")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+        per_rank = state.get("rng_per_rank") or ([state["rng"]] if state.get("rng") is not None else [])
+        if not per_rank:
+            return
+        if len(per_rank) == world_size():
+            rng = per_rank[rank()]  # same number of ranks: every rank continues its own streams exactly
+        else:
+            rng = per_rank[0]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if len(per_rank) != world_size() and rank() > 0:
+            # another number of ranks (R5): rank 0 continues rank 0's streams; the others need their own, distinct
+            # and reproducible streams (identical ones would draw identical augmentations on every rank)
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) + rank()
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
 
     def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net calls this on every rank; only rank 0 writes. The RNG states of all ranks are gathered first
+        # (a collective, so before any rank-0-only branch) so that --c on the same number of ranks is exact (R5).
+        rng_per_rank = all_gather_objects([self._host_rng_state()]) if world_size() > 1 else None
         super().save_checkpoint(filename)
         if self.local_rank == 0 and not self.disable_checkpointing:
-            add_extra_state(filename, self.method_family, self.extra_checkpoint_state())
+            state = self.extra_checkpoint_state()
+            if rng_per_rank is not None:
+                state["rng_per_rank"] = rng_per_rank
+            add_extra_state(filename, self.method_family, state)
 
     def load_checkpoint(self, filename_or_checkpoint: str) -> None:
         if not isinstance(filename_or_checkpoint, str):
@@ -212,5 +284,7 @@ class ExtTrainerBase(nnUNetTrainer):
             )
         else:
             self.restore_extra_checkpoint_state(state)
+        # every rank restored the same file; the broadcast is cheap insurance (e.g. state missing from old files)
+        self.synchronise_modules()
         # the checkpoint replaced the whole logging dict; older checkpoints may lack our keys
         register_log_keys(self, self.extra_log_keys)

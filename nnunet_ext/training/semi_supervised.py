@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from nnunet_ext.ssl.unlabeled_data import build_unlabeled_augmenter
 from nnunet_ext.training.base_trainer import ExtTrainerBase, move_to_device
+from nnunet_ext.training.distributed import split_batch_size, world_size
 
 
 def finish_augmenter(augmenter) -> None:
@@ -22,14 +23,26 @@ class ExtSemiSupervisedTrainerBase(ExtTrainerBase):
     configuration; otherwise training stops before the first step with a message naming that command.
 
     Class attributes:
-        unlabeled_batch_size: patches per unlabeled batch; ``None`` uses the labeled batch size (1:1).
+        unlabeled_batch_size: patches per unlabeled batch; ``None`` uses the labeled batch size (1:1). Under DDP an
+            explicit value is the **global** unlabeled batch, split over the ranks like nnU-Net splits the labeled
+            batch (``None`` keeps 1:1 on every rank), so the global batch keeps the method's composition.
     """
 
     unlabeled_batch_size: ClassVar[int | None] = None
 
+    def unlabeled_batch_size_per_rank(self) -> int:
+        """Unlabeled patches this process draws per step (R6 of ``docs/ddp.md``); ``self.batch_size`` (nnU-Net's
+        per-rank labeled share) when ``unlabeled_batch_size`` is None."""
+        if self.unlabeled_batch_size is None:
+            return self.batch_size
+        if world_size() == 1:
+            return self.unlabeled_batch_size
+        return split_batch_size(self.unlabeled_batch_size)
+
     def on_train_start(self) -> None:
         super().on_train_start()
-        self.dataloader_unlabeled = build_unlabeled_augmenter(self, batch_size=self.unlabeled_batch_size)
+        batch_size = None if self.unlabeled_batch_size is None else self.unlabeled_batch_size_per_rank()
+        self.dataloader_unlabeled = build_unlabeled_augmenter(self, batch_size=batch_size)
 
     def next_unlabeled_batch(self) -> dict:
         """``{'data': [B_U, C, *patch], 'valid': bool [B_U, 1, *patch], 'keys': [...]}`` on ``self.device``.

@@ -7,7 +7,7 @@ optimisation part lives here once and every trainer calls it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ContextManager
 
 import torch
@@ -46,6 +46,7 @@ def optimise_step(
     grad_scaler: torch.amp.GradScaler | None = None,
     parameters: Iterable[torch.nn.Parameter] | None = None,
     clip_norm: float = 12.0,
+    synchronise_gradients: Callable[[], None] | None = None,
 ) -> float:
     """Backward, unscale, clip and step, exactly like nnU-Net's ``train_step`` but for all optimised parameters.
 
@@ -56,6 +57,9 @@ def optimise_step(
         parameters: parameters to clip; defaults to every parameter in ``optimizer`` (network and heads,
             whereas nnU-Net clips only ``network.parameters()``).
         clip_norm: maximum total gradient norm (nnU-Net uses 12).
+        synchronise_gradients: called after backward and before unscaling/clipping (multi-GPU: averages the
+            gradients over ranks, so clipping and the GradScaler's inf check see the same values on every rank and
+            all ranks skip the same steps). ``None`` (single process): nothing.
 
     Returns:
         The total gradient norm before clipping (``inf``/``nan`` when the scaler skips the step).
@@ -69,12 +73,16 @@ def optimise_step(
     optimizer.zero_grad(set_to_none=True)
     if grad_scaler is not None:
         grad_scaler.scale(loss).backward()
+        if synchronise_gradients is not None:
+            synchronise_gradients()
         grad_scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
         grad_scaler.step(optimizer)
         grad_scaler.update()
     else:
         loss.backward()
+        if synchronise_gradients is not None:
+            synchronise_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
         optimizer.step()
     return float(grad_norm)
