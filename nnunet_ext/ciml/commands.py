@@ -27,8 +27,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     cases = predict_folder(args.i, args.o, model_folder(args.d, args.c, args.tr, args.p), _folds(args.f),
                            missing=args.missing or (), checkpoint_name=args.chk, device=args.device,
                            use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
-                           num_processes_preprocessing=args.npp, num_processes_export=args.nps)
-    note = f" without {', '.join(args.missing)} (messages off)" if args.missing else ""
+                           num_processes_preprocessing=args.npp, num_processes_export=args.nps,
+                           missing_mode=args.missing_mode)
+    note = f" without {', '.join(args.missing)} ({args.missing_mode})" if args.missing else ""
     print(f"Predicted {len(cases)} case(s) into {args.o}{note}")
     return 0
 
@@ -45,15 +46,21 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``predict`` and ``explain`` to the ``nnunet-ext`` command."""
+    from nnunet_ext.ciml.predict import MISSING_MODES
+
     p = subparsers.add_parser(
-        "predict", help="nnUNetv2_predict through nnU-Net's predictor, with --missing for CIML models",
-        description="Predict a folder like nnUNetv2_predict. With --missing MOD (CIML models only) the messages "
-                    "of that auxiliary modality are switched off and its channel file may be absent (it is "
-                    "replaced by an all-zero image, which never reaches the network). A missing primary "
-                    "modality is an error.")
+        "predict", help="nnUNetv2_predict through nnU-Net's predictor, with --missing modalities",
+        description="Predict a folder like nnUNetv2_predict. With --missing MOD the channel file may be absent (it "
+                    "is replaced by an all-zero image). --missing-mode messages-off (default; CIML models only) "
+                    "switches that auxiliary modality's messages off, so the zero image never reaches the network; "
+                    "a missing primary modality is an error. --missing-mode zero-fill (any model, e.g. stock "
+                    "nnU-Net) feeds the all-zero image to the network.")
     _model_arguments(p)
     p.add_argument("--missing", nargs="+", default=None, metavar="MOD",
-                   help="auxiliary modalities (channel names or indices) that are not available")
+                   help="modalities (channel names or indices) that are not available")
+    p.add_argument("--missing-mode", choices=MISSING_MODES, default="messages-off",
+                   help="messages-off: CIML switches the messages of the missing senders off (default); "
+                        "zero-fill: the network sees all-zero images (any model)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("-npp", type=int, default=1, help="preprocessing processes")
     p.add_argument("-nps", type=int, default=1, help="export processes")

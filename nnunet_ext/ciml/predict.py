@@ -1,11 +1,15 @@
-"""Prediction with CIML models, optionally without some auxiliary modalities (nnU-Net issue #513).
+"""Prediction without some input modalities (nnU-Net issue #513), for CIML models and, as a baseline, any model.
 
 Built on nnU-Net's ``nnUNetPredictor``: the model is loaded from the training output folder exactly as
-``nnUNetv2_predict`` does; with ``missing`` modalities the network's messages from those senders are switched off
-(:meth:`~nnunet_ext.ciml.network.CIMLNet.set_missing_modalities`) and their encoders do not run. nnU-Net still
-expects one file per channel, so a missing channel is filled with an all-zero image on the geometry of the case's
-first present channel, written to a temporary folder (its values never reach the network). A missing channel file
-may be absent from the input folder; if present it is ignored. A missing *primary* modality is an error.
+``nnUNetv2_predict`` does. nnU-Net expects one file per channel, so a missing channel is filled with an all-zero
+image on the geometry of the case's first present channel, written to a temporary folder. A missing channel file
+may be absent from the input folder; if present it is ignored. Two modes (:data:`MISSING_MODES`):
+
+- ``"messages-off"`` (CIML models only): the network's messages from the missing senders are switched off
+  (:meth:`~nnunet_ext.ciml.network.CIMLNet.set_missing_modalities`) and their encoders do not run, so the zero
+  image never reaches the network. A missing *primary* modality is an error.
+- ``"zero-fill"`` (any model): the network sees the all-zero channel (after nnU-Net's normalisation). This is what
+  a user of stock nnU-Net can do without a modality, and the baseline the CIML benchmark compares against.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+#: How a missing modality is handled, see the module docstring.
+MISSING_MODES = ("messages-off", "zero-fill")
 
 
 def ensure_trainer_lookup() -> None:
@@ -122,22 +129,33 @@ def load_predictor(folder: str, folds: Sequence[int | str] | None, checkpoint_na
 def predict_folder(input_folder: str, output_folder: str, folder: str, folds: Sequence[int | str] | None = None,
                    missing: Sequence[str | int] = (), checkpoint_name: str = "checkpoint_final.pth",
                    device: str = "cuda", use_mirroring: bool = True, tile_step_size: float = 0.5,
-                   num_processes_preprocessing: int = 1, num_processes_export: int = 1) -> list[str]:
+                   num_processes_preprocessing: int = 1, num_processes_export: int = 1,
+                   missing_mode: str = "messages-off") -> list[str]:
     """Predict every case in ``input_folder`` into ``output_folder``; returns the case identifiers.
 
+    Args:
+        missing: modalities (channel names or indices) that are not available.
+        missing_mode: one of :data:`MISSING_MODES` (module docstring).
+
     Raises:
-        ValueError: ``missing`` names a primary modality, an unknown modality, or the model is not a CIML model.
+        ValueError: an unknown mode or modality; with ``"messages-off"``, a primary modality or a model that is not
+            a CIML model.
         FileNotFoundError: a case lacks a channel that is not declared missing.
     """
+    if missing_mode not in MISSING_MODES:
+        raise ValueError(f"missing_mode must be one of {MISSING_MODES}, got {missing_mode!r}")
     predictor = load_predictor(folder, folds, checkpoint_name, device, use_mirroring, tile_step_size)
     dataset_json = predictor.dataset_json
     num_channels = len(dataset_json["channel_names"])
     missing_idx = resolve_modalities(missing, dataset_json["channel_names"]) if missing else []
-    if missing_idx:
+    if len(missing_idx) == num_channels:
+        raise ValueError(f"every input channel is declared missing ({missing}); at least one must be present")
+    if missing_idx and missing_mode == "messages-off":
         network = predictor.network
         if not hasattr(network, "set_missing_modalities"):
-            raise ValueError(f"--missing needs a CIML model; {predictor.trainer_name or 'this model'} builds "
-                             f"{type(network).__name__}")
+            raise ValueError(f"switching messages off needs a CIML model; {predictor.trainer_name or 'this model'} "
+                             f"builds {type(network).__name__}. Use --missing-mode zero-fill to feed all-zero "
+                             f"images for the missing channels instead")
         network.set_missing_modalities(missing_idx)
     file_ending = dataset_json["file_ending"]
     cases = group_case_files(input_folder, file_ending, num_channels, optional_channels=missing_idx)

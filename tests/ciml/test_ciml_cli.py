@@ -154,6 +154,11 @@ def test_predict_with_a_missing_auxiliary_modality(trained):
         prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
         assert prediction.GetSize() == sitk.ReadImage(str(only_ct / f"{case}_0000.nii.gz")).GetSize()
     assert sorted(p.name for p in only_ct.iterdir()) == sorted(p.name for p in trained["inputs"].glob("*_0000*"))
+    zero_filled = root / "predict_zero_filled"
+    run_cli([console_script("nnunet-ext"), "predict", "-i", str(only_ct), "-o", str(zero_filled), "-d", str(DATASET),
+         "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta",
+         "--missing", "MRI", "--missing-mode", "zero-fill"], env)
+    assert sorted(p.name for p in zero_filled.glob("*.nii.gz")) == sorted(p.name for p in out.glob("*.nii.gz"))
     primary = run_cli([console_script("nnunet-ext"), "predict", "-i", str(trained["inputs"]), "-o", str(root / "x"),
                    "-d", str(DATASET), "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0",
                    "-device", "cpu", "--missing", "CT"], env, check=False)

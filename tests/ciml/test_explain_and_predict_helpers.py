@@ -65,3 +65,12 @@ def test_modalities_by_name_or_index():
     assert resolve_modalities(["flair", "1", "T1"], names) == [0, 1, 3]
     with pytest.raises(ValueError, match="unknown or ambiguous modality 'PET'"):
         resolve_modalities(["PET"], names)
+
+
+def test_unknown_missing_mode_is_refused_before_any_model_is_loaded(tmp_path):
+    from nnunet_ext.ciml.predict import predict_folder
+
+    with pytest.raises(ValueError, match="missing_mode must be one of"):
+        predict_folder(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "no_model"), missing=["T1"],
+                       missing_mode="drop")
+    assert not (tmp_path / "out").exists()

@@ -73,3 +73,20 @@ def test_resume_with_c_restores_extra_state_bit_for_bit(trained):
 
 def test_predict_in_fresh_process_and_evaluate(trained):
     predict_validation_cases_and_evaluate(trained["root"], DATASET, "Smoke", TRAINER, PLANS, trained["env"])
+
+
+def test_missing_modality_on_a_model_without_messages_needs_zero_fill(trained):
+    root, env = trained["root"], trained["env"]
+    ct_only = root / "ct_only"
+    ct_only.mkdir()
+    raw = root / "nnUNet_raw" / f"Dataset{DATASET:03d}_Smoke"
+    for image in sorted(raw.glob("imagesTr/*_0000.nii.gz"))[:2]:
+        (ct_only / image.name).symlink_to(image)
+    predict = [console_script("nnunet-ext"), "predict", "-i", str(ct_only), "-d", str(DATASET), "-c", "3d_fullres",
+               "-tr", TRAINER, "-p", PLANS, "-f", "0", "-device", "cpu", "--disable_tta", "--missing", "MRI"]
+    refused = run_cli([*predict, "-o", str(root / "refused")], env, check=False)
+    assert refused.returncode != 0 and "--missing-mode zero-fill" in refused.stderr
+    assert not (root / "refused").exists() or not any((root / "refused").iterdir())
+    run_cli([*predict, "-o", str(root / "zero_filled"), "--missing-mode", "zero-fill"], env)
+    assert sorted(p.name for p in (root / "zero_filled").glob("*.nii.gz")) == \
+        sorted(p.name.replace("_0000", "") for p in ct_only.iterdir())
