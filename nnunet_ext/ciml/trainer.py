@@ -23,6 +23,7 @@ from nnunet_ext.ciml.decomposition import check_block_against_dataset, effective
 from nnunet_ext.ciml.network import CIMLNet, build_ciml_network
 from nnunet_ext.ciml.vib import BetaSchedule
 from nnunet_ext.training.base_trainer import ExtTrainerBase
+from nnunet_ext.training.distributed import all_reduce_mean_, world_size
 from nnunet_ext.training.step import fp32_context
 
 
@@ -46,6 +47,10 @@ class CIMLTrainerBase(ExtTrainerBase):
     """
 
     method_family: ClassVar[str] = "ciml"
+    # DDP (docs/ddp.md 4.4): the training forward goes through the DDP wrapper, which averages the network's
+    # gradients; there are no extra modules. beta(e) is a function of the epoch (identical on every rank).
+    supports_ddp: ClassVar[bool] = True
+    network_gradients_via_ddp: ClassVar[bool] = True
     extra_log_keys: ClassVar[tuple[str, ...]] = ("ciml_loss_seg", "ciml_kl_total", "ciml_beta")
     ciml_overrides: ClassVar[dict[str, Any]] = {}
     kl_log_file: ClassVar[str] = "ciml_kl.json"
@@ -119,8 +124,14 @@ class CIMLTrainerBase(ExtTrainerBase):
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
         names = unwrap_network(self.network).pair_names
-        means = (self._kl_pair_sum / max(1, self._kl_steps)).cpu().tolist() if self._kl_pair_sum is not None \
-            else [float("nan")] * len(names)
+        if self._kl_pair_sum is not None:
+            pair_means = self._kl_pair_sum / max(1, self._kl_steps)
+            if world_size() > 1:
+                # every rank ran the same number of steps: the mean of the per-rank means is the global mean
+                pair_means = all_reduce_mean_(pair_means.contiguous())
+            means = pair_means.cpu().tolist()
+        else:
+            means = [float("nan")] * len(names)
         self.kl_history = [h for h in self.kl_history if h["epoch"] < self.current_epoch]
         self.kl_history.append({"epoch": self.current_epoch, "beta": self.beta_now,
                                 "kl_total": float(np.nansum(means)) if means else 0.0,

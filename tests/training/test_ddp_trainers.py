@@ -1,0 +1,291 @@
+"""The method trainers under DDP with 2 ``gloo`` ranks on the CPU (issue 8; recipe in ``docs/ddp.md`` section 6).
+
+nnU-Net forces CUDA once a process group exists, so the trainers run in process with two test-only adjustments:
+a subclass that puts the trainer back on the CPU without a GradScaler, and nnU-Net's name ``DDP`` replaced by a
+wrapper that drops ``device_ids`` (CPU modules refuse it). One spawn of 2 ranks runs every scenario: each rank
+builds the trainer (``initialize`` wraps the network in DDP and broadcasts the extra modules), runs two
+``train_step`` calls on its share of a fixed global batch, ends the epoch (global log means) and saves a checkpoint
+(written by rank 0). Afterwards each rank leaves the process group and computes, as a single process, the
+reference of half of the scenarios: the same trainer from the same initial state on the concatenated global batch,
+and a ``--c`` style resume of rank 0's checkpoint on one rank.
+
+The tests then check that the network and every piece of extra state (teachers, queues, memory bank, prototypes,
+logs) are identical on both ranks, equal the single process where the method defines them that way, and are
+restored exactly from the checkpoint.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers_nnunet import planned_tiny_root
+
+from nnunet_ext.ciml.trainer import CIMLTrainerBase
+from nnunet_ext.compat import unwrap
+from nnunet_ext.training import distributed as D
+
+WORLD = 2
+SPAWN_TIMEOUT_S = 300
+DATASET, NAME = 985, "Tiny"
+STEPS = 2
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with the gloo backend is unavailable in this torch build"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- test trainers
+class _OnCPU:
+    """nnU-Net sets ``device = cuda:rank`` under DDP; the test runs on the CPU (no GradScaler there)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.device = torch.device("cpu")
+        self.grad_scaler = None
+
+
+class _CIML(_OnCPU, CIMLTrainerBase):
+    """CIML with messages but without random draws (no sampling in the bottleneck, no message dropout), so that a
+    single process on the concatenated batch is an exact reference."""
+
+    ciml_overrides = {"variational": False, "message_dropout": 0.0}
+
+
+class _CIMLVariational(_OnCPU, CIMLTrainerBase):
+    """CIML with its defaults (variational messages, message dropout): random per rank, so only rank equality,
+    unused parameters (none) and the resume are checked."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _ddp_without_device_ids(module, device_ids=None, **kwargs):
+    return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
+
+
+def _set_paths(root: Path) -> None:
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[var] = str(root / var)
+    os.environ.update({"nnUNet_compile": "f", "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "0"})
+
+
+def make_trainer(cls, root: Path, epoch: int = 5, num_epochs: int = 10):
+    folder = root / "nnUNet_preprocessed" / f"Dataset{DATASET:03d}_{NAME}"
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    trainer = cls(plans, "3d_fullres", 0, json.loads((folder / "dataset.json").read_text()),
+                  device=torch.device("cpu"))
+    trainer.num_epochs = num_epochs
+    trainer.num_iterations_per_epoch = STEPS
+    trainer.initialize()
+    trainer.current_epoch = epoch
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    return trainer
+
+
+def global_batch(trainer, step: int) -> dict:
+    """The global labeled batch of ``step`` (the plans' batch size), identical in every process."""
+    g = torch.Generator().manual_seed(1000 + step)
+    patch = trainer.configuration_manager.patch_size
+    size = trainer.configuration_manager.batch_size
+    data = torch.randn((size, trainer.num_input_channels, *patch), generator=g)
+    labels = torch.randint(0, 3, (size, 1, *patch), generator=g).float()
+    with torch.no_grad():
+        shapes = [o.shape[2:] for o in unwrap(trainer.network)(data[:1])]
+    target = [torch.nn.functional.interpolate(labels, size=tuple(s), mode="nearest") for s in shapes]
+    return {"data": data, "target": target, "keys": [f"case_{step}_{i}" for i in range(size)]}
+
+
+def rank_share(batch: dict, rank: int, world: int) -> dict:
+    """Rank ``rank``'s rows of a global batch, split as nnU-Net splits the batch size (rank 0 first)."""
+    size = batch["data"].shape[0]
+    shares = [D.split_batch_size(size, world, r) for r in range(world)]
+    start, stop = sum(shares[:rank]), sum(shares[:rank + 1])
+    return {"data": batch["data"][start:stop], "target": [t[start:stop] for t in batch["target"]],
+            "keys": batch["keys"][start:stop]}
+
+
+def snapshot(trainer) -> dict:
+    state = {f"net.{k}": v.detach().clone() for k, v in unwrap(trainer.network).state_dict().items()}
+    state.update({f"extra.{k}": v.detach().clone() for k, v in trainer.extra_modules.state_dict().items()})
+    return state
+
+
+def load_snapshot(trainer, state: dict) -> None:
+    unwrap(trainer.network).load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    trainer.extra_modules.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("extra.")})
+
+
+def logged(trainer) -> dict:
+    return {k: trainer.logger.get_value(k, step=-1) for k in trainer.extra_log_keys}
+
+
+def run_epoch(trainer, batches: list[dict]) -> list[dict]:
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(b) for b in batches]
+    trainer.on_train_epoch_end(outputs)
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+def ddp_ciml(rank: int, root: Path, out_dir: Path, cls=_CIML) -> dict:
+    trainer = make_trainer(cls, root)
+    initial = snapshot(trainer)
+    batches = [rank_share(global_batch(trainer, s), rank, WORLD) for s in range(STEPS)]
+    outputs = run_epoch(trainer, batches)
+    checkpoint = str(out_dir / f"{cls.__name__}.pth")
+    trainer.save_checkpoint(checkpoint)
+    return {"initial": initial, "final": snapshot(trainer), "outputs": outputs, "logged": logged(trainer),
+            "kl_history": trainer.kl_history, "weight_factors": list(trainer.loss.weight_factors),
+            "checkpoint": checkpoint, "batch_size": trainer.batch_size}
+
+
+def reference_ciml(ddp: dict, root: Path, cls=_CIML) -> dict:
+    """One process: the concatenated batch from the same initial state; and rank 0's checkpoint resumed."""
+    trainer = make_trainer(cls, root)
+    load_snapshot(trainer, ddp["initial"])
+    # nnU-Net gives the lowest deep-supervision output the weight 1e-6 instead of 0 under DDP; use DDP's weights
+    trainer.loss.weight_factors = tuple(ddp["weight_factors"])
+    outputs = run_epoch(trainer, [global_batch(trainer, s) for s in range(STEPS)])
+    return {"final": snapshot(trainer), "outputs": outputs, "logged": logged(trainer), **resume(cls, root, ddp)}
+
+
+def resume(cls, root: Path, ddp: dict) -> dict:
+    resumed = make_trainer(cls, root, epoch=0)
+    resumed.load_checkpoint(ddp["checkpoint"])
+    result = {"resumed": snapshot(resumed), "resumed_epoch": resumed.current_epoch}
+    if hasattr(resumed, "kl_history"):
+        result["resumed_kl_history"] = resumed.kl_history
+    return result
+
+
+SCENARIOS = {
+    "ciml": (ddp_ciml, reference_ciml),
+    "ciml_variational": (lambda r, root, out: ddp_ciml(r, root, out, _CIMLVariational),
+                         lambda ddp, root: resume(_CIMLVariational, root, ddp)),
+}
+
+
+def _worker(rank: int, init_file: str, out_dir: str, root: str) -> None:
+    torch.set_num_threads(1)
+    _set_paths(Path(root))
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+
+    nnunet_trainer_module.DDP = _ddp_without_device_ids
+    results: dict = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=120))
+        torch.manual_seed(rank)  # rank-dependent initialisation on purpose: the broadcast must remove it
+        for name, (scenario, _) in SCENARIOS.items():
+            started = time.monotonic()
+            results[name] = scenario(rank, Path(root), Path(out_dir))
+            results[name]["seconds"] = time.monotonic() - started
+        dist.barrier()
+        dist.destroy_process_group()
+        for index, (name, (_, reference)) in enumerate(SCENARIOS.items()):
+            if index % WORLD == rank:
+                results[f"{name}_reference"] = reference(results[name], Path(root))
+    except Exception:  # saved so that the test shows the rank's traceback instead of a bare exit code
+        results["crash"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    root = planned_tiny_root(tmp_path_factory.getbasetemp(), DATASET, name=NAME, n_labelled=5, n_unlabeled=0,
+                             shape=(20, 24, 28))
+    out_dir = tmp_path_factory.mktemp("ddp_trainers")
+    context = mp.start_processes(_worker, args=(str(out_dir / "init"), str(out_dir), str(root)), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} gloo ranks did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    crashes = [f"rank {r}:\n{result['crash']}" for r, result in enumerate(results) if "crash" in result]
+    assert not crashes, "\n".join(crashes)
+    return results
+
+
+def reference(ranks: list[dict], name: str) -> dict:
+    return next(r[f"{name}_reference"] for r in ranks if f"{name}_reference" in r)
+
+
+def assert_identical_on_ranks(ranks: list[dict], name: str, key: str) -> dict:
+    states = [r[name][key] for r in ranks]
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), (name, key, k)
+    return states[0]
+
+
+def assert_close_states(got: dict, expected: dict, keys=None, rtol=1e-4, atol=1e-6) -> None:
+    for k in keys if keys is not None else expected:
+        a, b = got[k], expected[k]
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=rtol, atol=atol), (k, (a - b).abs().max())
+        else:
+            assert torch.equal(a, b), k
+
+
+def assert_resumed_exactly(ranks: list[dict], name: str) -> None:
+    final = assert_identical_on_ranks(ranks, name, "final")
+    ref = reference(ranks, name)
+    assert ref["resumed"].keys() == final.keys()
+    for k in final:
+        assert torch.equal(ref["resumed"][k], final[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- tests: CIML
+def test_ciml_ranks_share_the_batch_and_start_from_rank_0(ranks):
+    assert [r["ciml"]["batch_size"] for r in ranks] == [1, 1]
+    initial = assert_identical_on_ranks(ranks, "ciml", "initial")
+    final = assert_identical_on_ranks(ranks, "ciml", "final")
+    assert any(not torch.equal(initial[k], final[k]) for k in initial)  # the network trained
+
+
+def test_ciml_two_ranks_equal_one_process_on_the_concatenated_batch(ranks):
+    final = assert_identical_on_ranks(ranks, "ciml", "final")
+    ref = reference(ranks, "ciml")
+    assert_close_states(final, ref["final"])
+    # per-rank step losses: the one-process loss is their mean (equal shares, per-sample mean losses)
+    for step in range(STEPS):
+        per_rank = [float(r["ciml"]["outputs"][step]["ciml_loss_seg"]) for r in ranks]
+        assert sum(per_rank) / WORLD == pytest.approx(float(ref["outputs"][step]["ciml_loss_seg"]), rel=1e-4)
+
+
+def test_ciml_logs_are_global_means(ranks):
+    logs = [r["ciml"]["logged"] for r in ranks]
+    assert logs[0] == logs[1]
+    steps = [float(o["ciml_loss_seg"]) for r in ranks for o in r["ciml"]["outputs"]]
+    assert logs[0]["ciml_loss_seg"] == pytest.approx(sum(steps) / len(steps), rel=1e-6)
+    assert ranks[0]["ciml"]["kl_history"] == ranks[1]["ciml"]["kl_history"]
+
+
+@pytest.mark.parametrize("name", ["ciml", "ciml_variational"])
+def test_ciml_checkpoint_of_rank_0_resumes_on_one_rank(ranks, name):
+    assert_resumed_exactly(ranks, name)
+    ref = reference(ranks, name)
+    assert ref["resumed_epoch"] == 6  # saved at epoch 5; nnU-Net stores current_epoch + 1
+    assert ref["resumed_kl_history"] == ranks[0][name]["kl_history"]
+
+
+def test_ciml_variational_stays_identical_on_ranks(ranks):
+    initial = assert_identical_on_ranks(ranks, "ciml_variational", "initial")
+    final = assert_identical_on_ranks(ranks, "ciml_variational", "final")
+    assert any(not torch.equal(initial[k], final[k]) for k in initial)
