@@ -20,6 +20,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "nnunet_ext.conversion.commands",
     "nnunet_ext.benchmark.commands",
+    "nnunet_ext.benchmark.classification",
     "nnunet_ext.cfcml.commands",
     "nnunet_ext.ciml.commands",
 )

@@ -100,6 +100,9 @@ class CFCMLTrainerCore(ExtTrainerBase):
     extra_log_keys: ClassVar[tuple[str, ...]] = ("cfcml_ce", "cfcml_l_sam", "cfcml_l_up", "cfcml_l_cp",
                                                  "cfcml_l_seg")
     cfcml_overrides: ClassVar[dict[str, Any]] = {}
+    #: False skips nnU-Net's segmentation validation after training (classification validation always runs);
+    #: ``nnunet-ext benchmark-cls`` sets it in its generated budget trainers.
+    segmentation_validation: ClassVar[bool] = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -307,10 +310,11 @@ class CFCMLTrainerCore(ExtTrainerBase):
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best_cls.pth"))
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        if self.settings["w_seg"] > 0:
+        if self.settings["w_seg"] > 0 and self.segmentation_validation:
             super().perform_actual_validation(save_probabilities)  # segmentation export and Dice
         else:
-            self.print_to_log_file("w_seg = 0 (mask-free dataset): no segmentation validation")
+            self.print_to_log_file("no segmentation validation (w_seg = 0, mask-free dataset)" if
+                                   self.settings["w_seg"] <= 0 else "segmentation validation disabled")
         if self.local_rank != 0:
             return
         self.set_deep_supervision_enabled(False)
