@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nnunet_ext.training.distributed import all_reduce_sum_, world_size
+
 
 def simplex_centres(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
     """``num_classes`` unit vectors in R^dim with pairwise cosine -1/(K-1) (a regular simplex), ``[K, dim]`` fp32.
@@ -56,10 +58,28 @@ class AdaptiveCentreAllocator(nn.Module):
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """EMA of the normalised class means of ``features`` ``[n, d]`` with ``labels`` ``[n]`` (-1 ignored)."""
+        """EMA of the normalised class means of ``features`` ``[n, d]`` with ``labels`` ``[n]`` (-1 ignored).
+
+        Under DDP the class means are over all ranks' rows (per-class sums and counts all-reduced; a collective),
+        so the centroids and the Hungarian assignment stay identical on every rank.
+        """
         features = F.normalize(features.detach().float(), dim=1)
+        if world_size() > 1:
+            self._update_global(features, labels)
+            return
         for c in torch.unique(labels[labels >= 0]).tolist():
             mean = F.normalize(features[labels == c].mean(0), dim=0)
+            self.centroids[c] = F.normalize(self.momentum * self.centroids[c] + (1 - self.momentum) * mean, dim=0)
+
+    def _update_global(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        num_classes = self.centroids.shape[0]
+        keep = labels >= 0
+        sums = torch.zeros_like(self.centroids).index_add_(0, labels[keep].long(), features[keep])
+        counts = torch.bincount(labels[keep].long(), minlength=num_classes).to(sums.dtype)
+        all_reduce_sum_(sums)
+        all_reduce_sum_(counts)
+        for c in torch.nonzero(counts > 0).flatten().tolist():
+            mean = F.normalize(sums[c] / counts[c], dim=0)
             self.centroids[c] = F.normalize(self.momentum * self.centroids[c] + (1 - self.momentum) * mean, dim=0)
 
     @torch.no_grad()

@@ -53,6 +53,7 @@ from nnunet_ext.action.views import (
 )
 from nnunet_ext.compat import unwrap
 from nnunet_ext.plans import merge_settings
+from nnunet_ext.training.distributed import all_gather_concat
 from nnunet_ext.training.ema import ema_update
 from nnunet_ext.training.semi_supervised import ExtSemiSupervisedTrainerBase
 from nnunet_ext.training.step import fp32_context
@@ -103,6 +104,11 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
     """
 
     method_family: ClassVar[str] = "action"
+    # DDP (docs/ddp.md 4.2): teacher, key heads and queues start as rank 0's (base-class broadcast), the teachers
+    # follow the synchronised student, the queues receive every rank's embeddings in rank order; the forwards
+    # bypass the DDP wrapper, so the shared step averages every optimised gradient (skipped heads count as zero).
+    # Stage iii's AnCo prototypes, queries and negatives are per rank (ReCo's per-batch sampling, per GPU).
+    supports_ddp: ClassVar[bool] = True
     extra_log_keys: ClassVar[tuple[str, ...]] = (
         "action_stage", "action_l_sup", "action_l_glob", "action_l_loc", "action_l_unsup", "action_l_anco",
         "action_conf_frac", "action_tau",
@@ -186,7 +192,8 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
 
     @property
     def unlabeled_rows(self) -> int:
-        return self.unlabeled_batch_size or self.batch_size
+        """Unlabeled images per step over all ranks (the plans' batch size when 1:1)."""
+        return self.unlabeled_batch_size or self.configuration_manager.batch_size
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
         net = check_unet_like(self.network)
@@ -197,7 +204,9 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         num_classes = self.label_manager.num_segmentation_heads
         global_dim = self._resolved(self.global_dim, 512, 128)
         rep_dim = self._resolved(self.rep_dim, 256, 128)
-        images_per_step = self.batch_size + self.unlabeled_rows
+        # from the plans' global batch (= self.batch_size in one process): the queues receive every rank's rows,
+        # and their shapes must not depend on the number of ranks so that checkpoints resume on any number
+        images_per_step = self.configuration_manager.batch_size + self.unlabeled_rows
         entries = max(self.queue_entries, 4 * images_per_step)
         self.local_geometry = LocalWindowGeometry.from_patch(self.configuration_manager.patch_size,
                                                              self._resolved(self.local_cells, 8, 4))
@@ -309,7 +318,7 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         global_s = heads["global_pred"](heads["global_q"](student_bottleneck, cell_weights))
         with fp32_context(self.device):
             l_glob = similarity_kl(global_s, global_t, heads["global_queue"].get(), tau_s, tau_t)
-        heads["global_queue"].push(global_t)
+        heads["global_queue"].push(all_gather_concat(global_t))  # all ranks' rows, rank order (DDP)
         total = self.weight_global * l_glob
         components["action_l_glob"] = l_glob.detach()
         if with_local:
@@ -325,7 +334,7 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
             with fp32_context(self.device):
                 l_loc = similarity_kl(local_s, local_t, heads["local_queue"].get(), tau_s, tau_t,
                                       weights=window_valid.float())
-            heads["local_queue"].push(local_t[window_valid])
+            heads["local_queue"].push(all_gather_concat(local_t[window_valid]))
             total = total + l_sup + self.weight_local * l_loc
             components.update({"action_l_sup": l_sup.detach(), "action_l_loc": l_loc.detach()})
         return total, components
@@ -528,8 +537,8 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
         with fp32_context(self.device):
             l_saacl = loss_fn(student, teacher, labels, heads["saacl_features"].get(), heads["saacl_labels"].get(),
                               allocator.centres, allocator.assignment(), temperature=tau)
-        heads["saacl_features"].push(teacher)
-        heads["saacl_labels"].push(labels)
+        heads["saacl_features"].push(all_gather_concat(teacher))  # all ranks' rows, rank order (DDP)
+        heads["saacl_labels"].push(all_gather_concat(labels))
         return self.saacl_weight * l_saacl, {"action_l_saacl": l_saacl.detach()}
 
     def after_optimizer_step(self) -> None:
