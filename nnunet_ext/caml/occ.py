@@ -20,6 +20,7 @@ import torch
 from nnunet_ext.caml.losses import OCC_LOG_FORMS, omni_correlation_loss
 from nnunet_ext.caml.memory_bank import LabeledFeatureMemoryBank
 from nnunet_ext.caml.networks import CAMLHeads
+from nnunet_ext.training.distributed import all_gather_concat, all_gather_objects, world_size
 
 
 def voxel_rows(embedding: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,10 @@ class OmniCorrelationConsistency:
         their previous mode; their running statistics do not change. Voxels beyond ``memory_cap`` per class are
         dropped uniformly at random before projecting. A case appearing twice in a batch keeps the later sample.
 
+        Under DDP (a collective; every rank calls it every step) the entries of all ranks are gathered and stored
+        in rank order, so every rank holds the bank one process would build from the concatenated batch (a case
+        drawn on two ranks keeps the later rank's sample).
+
         Args:
             heads: the four heads (only the projections are used).
             embedding_v: vanilla embeddings of the labeled samples ``[B_L, C0, *spatial]``.
@@ -180,6 +185,7 @@ class OmniCorrelationConsistency:
         if ignore_label is not None:
             correct &= target != ignore_label
         cap = self.bank.memory_cap
+        entries: list[tuple[str, list[torch.Tensor], list[int]]] = []
         modes = (heads.proj_v.training, heads.proj_a.training)
         heads.proj_v.eval()
         heads.proj_a.eval()
@@ -199,10 +205,26 @@ class OmniCorrelationConsistency:
                     features = heads.memory_features(rows_v[:, index].t().float(), rows_a[:, index].t().float())
                 else:
                     features = rows_v.new_zeros((0, self.bank.feat_dim), dtype=torch.float32)
-                self.bank.update_slot(key, list(features.split([c.numel() for c in chosen])), counts)
+                entries.append((key, list(features.split([c.numel() for c in chosen])), counts))
         finally:
             heads.proj_v.train(modes[0])
             heads.proj_a.train(modes[1])
+        if world_size() > 1:
+            entries = self._gather_entries(entries, embedding_v.device)
+        for key, rows, counts in entries:
+            self.bank.update_slot(key, rows, counts)
+
+    def _gather_entries(self, entries: list[tuple[str, list[torch.Tensor], list[int]]], device: torch.device
+                        ) -> list[tuple[str, list[torch.Tensor], list[int]]]:
+        """Every rank's memory entries in rank order: keys and true counts as objects, all rows in one gather
+        (stored row counts ``min(count, memory_cap)`` follow from the counts, so no extra exchange is needed)."""
+        meta = all_gather_objects([(key, counts) for key, _, counts in entries])
+        local = [block for _, rows, _ in entries for block in rows]
+        local_rows = torch.cat(local).float() if local else torch.zeros((0, self.bank.feat_dim), device=device)
+        blocks = all_gather_concat(local_rows).split([min(c, self.bank.memory_cap) for _, counts in meta
+                                                      for c in counts])
+        k = self.num_classes
+        return [(key, list(blocks[i * k:(i + 1) * k]), counts) for i, (key, counts) in enumerate(meta)]
 
     def loss(self, heads: CAMLHeads, embedding_v: torch.Tensor, embedding_a: torch.Tensor, probs_v: torch.Tensor,
              probs_a: torch.Tensor, valid: torch.Tensor | None = None,

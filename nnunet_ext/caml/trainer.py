@@ -18,6 +18,7 @@ from nnunet_ext.caml.occ import OmniCorrelationConsistency
 from nnunet_ext.caml.ramps import caml_rampup
 from nnunet_ext.caml.settings import CAML_SETTING_NAMES, resolve_caml_settings
 from nnunet_ext.compat import unwrap
+from nnunet_ext.training.distributed import average_batchnorm_statistics_, broadcast_seed, world_size
 from nnunet_ext.training.semi_supervised import ExtSemiSupervisedTrainerBase
 from nnunet_ext.training.step import fp32_context
 
@@ -65,6 +66,11 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
     """
 
     method_family = "caml"
+    # DDP (docs/ddp.md 4.1): net_a and heads start as rank 0's (base-class broadcast); the forwards bypass the DDP
+    # wrapper, so the shared step averages every optimised gradient; the memory bank receives every rank's entries;
+    # the memory sample uses a generator seeded identically on all ranks; the heads' BatchNorm statistics are
+    # averaged after every step. The OCC loss and the CMA see the rank's own batch (CMA attends within it).
+    supports_ddp = True
     extra_log_keys = ("caml_l_sup", "caml_l_c", "caml_l_o", "caml_ramp", "caml_occ_rows", "caml_mem_classes")
 
     cma_stage = None
@@ -95,6 +101,8 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.caml_step = 0  # 0-based global step t of the ramp; recomputed from current_epoch at each epoch start
         self.occ = None
+        # DDP only: the memory sample must be the same draw on every rank (one process uses torch's global RNG)
+        self.memory_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
@@ -120,6 +128,8 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
             self.label_manager.num_segmentation_heads, self.feat_dim, self.memory_per_class, self.memory_cap,
             self.num_filtered, self.occ_temperature, self.occ_normalize, self.occ_log_form, self.detach_targets,
             self.heads_before_filter, device=self.device)
+        if world_size() > 1:
+            self.memory_generator = torch.Generator(device=self.device).manual_seed(broadcast_seed())
 
     def _do_i_compile(self):
         # CAML's training forward replays the unwrapped networks (embeddings), so compiling would only speed up
@@ -183,7 +193,8 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
                                    probs_v[:n_labeled].argmax(1), probs_a[:n_labeled].argmax(1), labels,
                                    [str(k) for k in batch["keys"]], self.label_manager.ignore_label)
             occ = self.occ.loss(heads, out_v.embedding[n_labeled:], out_a.embedding[n_labeled:],
-                                probs_v[n_labeled:], probs_a[n_labeled:], unlabeled["valid"])
+                                probs_v[n_labeled:], probs_a[n_labeled:], unlabeled["valid"],
+                                generator=self.memory_generator)
             ramp = caml_rampup(self.caml_step, self.rampup_length(), self.rampup_quantum)
             total = caml_total_loss(supervised, consistency, occ.loss, ramp, self.w_sup, self.lambda_c,
                                     self.lambda_o)
@@ -194,15 +205,24 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
             "caml_mem_classes": torch.tensor(float(occ.num_memory_classes)),
         }
 
+    def after_optimizer_step(self):
+        super().after_optimizer_step()
+        if world_size() > 1:
+            average_batchnorm_statistics_(self.extra_modules["heads"])
+
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self):
         state = super().extra_checkpoint_state()
         state["occ"] = self.occ.state_dict()
+        if self.memory_generator is not None:
+            state["memory_generator"] = self.memory_generator.get_state()
         return state
 
     def restore_extra_checkpoint_state(self, state):
         super().restore_extra_checkpoint_state(state)
         self.occ.load_state_dict(state["occ"])
+        if self.memory_generator is not None and state.get("memory_generator") is not None:
+            self.memory_generator.set_state(state["memory_generator"])
         self.caml_step = self.current_epoch * self.num_iterations_per_epoch
 
 

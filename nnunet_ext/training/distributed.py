@@ -53,6 +53,12 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def broadcast_seed() -> int:
+    """A random seed drawn on rank 0 and returned on every rank (for generators of shared random draws, R8 of
+    ``docs/ddp.md``). Draws from torch's global RNG; a collective under DDP."""
+    return int(all_gather_objects([int(torch.randint(0, 2 ** 62, (1,)).item())])[0])
+
+
 def split_batch_size(global_batch_size: int, num_ranks: int | None = None, rank_index: int | None = None) -> int:
     """This rank's share of a global batch, split as nnU-Net splits the labeled batch across DDP workers.
 
@@ -317,6 +323,27 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> nn.Module:
             buffer = data.contiguous()
             dist.broadcast(buffer, src=src)
             data.copy_(buffer)
+    return module
+
+
+@torch.no_grad()
+def average_batchnorm_statistics_(module: nn.Module) -> nn.Module:
+    """In place: the running mean/variance of every BatchNorm layer in ``module`` become their mean over ranks, and
+    ``num_batches_tracked`` the largest count of any rank (R7 of ``docs/ddp.md``).
+
+    For extra modules with BatchNorm outside the DDP-wrapped network (CAML's heads): their forwards run only on
+    ranks that have rows to project, so ``SyncBatchNorm`` (a collective in forward) cannot be used; averaging the
+    statistics after every step keeps them identical on all ranks. All ranks must pass modules of the same
+    structure. Returns ``module``. Identity without a group.
+    """
+    if not _active():
+        return module
+    for layer in unwrap(module).modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            all_reduce_mean_(layer.running_mean)
+            all_reduce_mean_(layer.running_var)
+            counts = all_gather_concat(layer.num_batches_tracked.view(1))
+            layer.num_batches_tracked.copy_(counts.max())
     return module
 
 

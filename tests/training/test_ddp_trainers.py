@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import time
 import traceback
@@ -28,13 +29,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers_nnunet import planned_tiny_root
 
+from nnunet_ext.action.trainer import ActionPlusPlusTrainerBase, ActionTrainerBase
+from nnunet_ext.caml.trainer import CAMLTrainerBase
 from nnunet_ext.ciml.trainer import CIMLTrainerBase
 from nnunet_ext.compat import unwrap
 from nnunet_ext.training import distributed as D
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 300
-DATASET, NAME = 985, "Tiny"
+DATASET, NAME = 994, "Tiny"  # the ACTION tests' dataset: planned once per session
 STEPS = 2
 
 pytestmark = [
@@ -64,6 +67,34 @@ class _CIML(_OnCPU, CIMLTrainerBase):
 class _CIMLVariational(_OnCPU, CIMLTrainerBase):
     """CIML with its defaults (variational messages, message dropout): random per rank, so only rank equality,
     unused parameters (none) and the resume are checked."""
+
+
+class _SmallAction:
+    """Stages of 1, 2 and 1 epochs (of 4), small samplers, and no student perturbation (random per rank) so that
+    stage ii has an exact one-process reference."""
+
+    stage_epochs = (1, 2, 1)
+    num_queries = 32
+    num_negatives = 64
+    max_prototype_pixels = 512
+    saacl_pixels_per_class = 16
+    saacl_queue_size = 500
+    perturbation_probability = 0.0
+
+
+class _Action(_OnCPU, _SmallAction, ActionTrainerBase):
+    pass
+
+
+class _ActionPP(_OnCPU, _SmallAction, ActionPlusPlusTrainerBase):
+    pass
+
+
+class _CAML(_OnCPU, CAMLTrainerBase):
+    """A small memory sample so that OCC is active on tiny patches from the first step."""
+
+    memory_per_class = 8
+    memory_cap = 32
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -104,22 +135,38 @@ def global_batch(trainer, step: int) -> dict:
     return {"data": data, "target": target, "keys": [f"case_{step}_{i}" for i in range(size)]}
 
 
+def global_unlabeled(trainer, step: int) -> dict:
+    """The global unlabeled batch of ``step`` (1:1 with the labeled batch), padded in the first 4 slices."""
+    g = torch.Generator().manual_seed(2000 + step)
+    patch = trainer.configuration_manager.patch_size
+    size = trainer.configuration_manager.batch_size
+    valid = torch.ones((size, 1, *patch), dtype=torch.bool)
+    valid[:, :, :4] = False  # the same padding in every sample keeps the per-rank valid counts equal
+    return {"data": torch.randn((size, trainer.num_input_channels, *patch), generator=g), "valid": valid,
+            "keys": [f"unlabeled_{step}_{i}" for i in range(size)]}
+
+
 def rank_share(batch: dict, rank: int, world: int) -> dict:
     """Rank ``rank``'s rows of a global batch, split as nnU-Net splits the batch size (rank 0 first)."""
     size = batch["data"].shape[0]
     shares = [D.split_batch_size(size, world, r) for r in range(world)]
     start, stop = sum(shares[:rank]), sum(shares[:rank + 1])
-    return {"data": batch["data"][start:stop], "target": [t[start:stop] for t in batch["target"]],
-            "keys": batch["keys"][start:stop]}
+    return {k: [t[start:stop] for t in v] if k == "target" else v[start:stop] for k, v in batch.items()}
 
 
 def snapshot(trainer) -> dict:
     state = {f"net.{k}": v.detach().clone() for k, v in unwrap(trainer.network).state_dict().items()}
     state.update({f"extra.{k}": v.detach().clone() for k, v in trainer.extra_modules.state_dict().items()})
+    if getattr(trainer, "occ", None) is not None:  # CAML's memory bank (not a module)
+        bank = trainer.occ.bank
+        for key in sorted(bank.features):
+            state.update({f"bank.{key}.{c}": rows.clone() for c, rows in enumerate(bank.features[key])})
+            state[f"bank.{key}.counts"] = torch.tensor(bank.counts[key])
     return state
 
 
 def load_snapshot(trainer, state: dict) -> None:
+    assert not any(k.startswith("bank.") for k in state), "memory banks are not restored from snapshots"
     unwrap(trainer.network).load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
     trainer.extra_modules.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("extra.")})
 
@@ -128,8 +175,10 @@ def logged(trainer) -> dict:
     return {k: trainer.logger.get_value(k, step=-1) for k in trainer.extra_log_keys}
 
 
-def run_epoch(trainer, batches: list[dict]) -> list[dict]:
+def run_epoch(trainer, batches: list[dict], unlabeled: list[dict] | None = None) -> list[dict]:
     trainer.on_train_epoch_start()
+    if unlabeled is not None:
+        trainer.dataloader_unlabeled = iter(unlabeled)
     outputs = [trainer.train_step(b) for b in batches]
     trainer.on_train_epoch_end(outputs)
     return outputs
@@ -158,8 +207,8 @@ def reference_ciml(ddp: dict, root: Path, cls=_CIML) -> dict:
     return {"final": snapshot(trainer), "outputs": outputs, "logged": logged(trainer), **resume(cls, root, ddp)}
 
 
-def resume(cls, root: Path, ddp: dict) -> dict:
-    resumed = make_trainer(cls, root, epoch=0)
+def resume(cls, root: Path, ddp: dict, **make_kwargs) -> dict:
+    resumed = make_trainer(cls, root, **{"epoch": 0, **make_kwargs})
     resumed.load_checkpoint(ddp["checkpoint"])
     result = {"resumed": snapshot(resumed), "resumed_epoch": resumed.current_epoch}
     if hasattr(resumed, "kl_history"):
@@ -167,10 +216,48 @@ def resume(cls, root: Path, ddp: dict) -> dict:
     return result
 
 
+def ddp_action(rank: int, root: Path, out_dir: Path, cls=_Action, epoch: int = 1) -> dict:
+    trainer = make_trainer(cls, root, epoch=epoch, num_epochs=4)
+    initial = snapshot(trainer)
+    batches = [rank_share(global_batch(trainer, s), rank, WORLD) for s in range(STEPS)]
+    unlabeled = [rank_share(global_unlabeled(trainer, s), rank, WORLD) for s in range(STEPS)]
+    outputs = run_epoch(trainer, batches, unlabeled)
+    checkpoint = str(out_dir / f"{cls.__name__}.pth")
+    trainer.save_checkpoint(checkpoint)
+    return {"initial": initial, "final": snapshot(trainer), "outputs": outputs, "logged": logged(trainer),
+            "stage": trainer.action_stage, "weight_factors": list(trainer.loss.weight_factors),
+            "checkpoint": checkpoint}
+
+
+def reference_action(ddp: dict, root: Path, cls=_Action, epoch: int = 1) -> dict:
+    trainer = make_trainer(cls, root, epoch=epoch, num_epochs=4)
+    load_snapshot(trainer, ddp["initial"])
+    trainer.loss.weight_factors = tuple(ddp["weight_factors"])
+    outputs = run_epoch(trainer, [global_batch(trainer, s) for s in range(STEPS)],
+                        [global_unlabeled(trainer, s) for s in range(STEPS)])
+    return {"final": snapshot(trainer), "outputs": outputs, **resume(cls, root, ddp, num_epochs=4)}
+
+
+def ddp_caml(rank: int, root: Path, out_dir: Path) -> dict:
+    trainer = make_trainer(_CAML, root)
+    initial = snapshot(trainer)
+    batches = [rank_share(global_batch(trainer, s), rank, WORLD) for s in range(STEPS)]
+    unlabeled = [rank_share(global_unlabeled(trainer, s), rank, WORLD) for s in range(STEPS)]
+    outputs = run_epoch(trainer, batches, unlabeled)
+    checkpoint = str(out_dir / "caml.pth")
+    trainer.save_checkpoint(checkpoint)
+    return {"initial": initial, "final": snapshot(trainer), "outputs": outputs, "logged": logged(trainer),
+            "generator": trainer.memory_generator.get_state(), "checkpoint": checkpoint}
+
+
 SCENARIOS = {
     "ciml": (ddp_ciml, reference_ciml),
     "ciml_variational": (lambda r, root, out: ddp_ciml(r, root, out, _CIMLVariational),
                          lambda ddp, root: resume(_CIMLVariational, root, ddp)),
+    "action_stage_ii": (ddp_action, reference_action),
+    "action_pp_stage_iii": (lambda r, root, out: ddp_action(r, root, out, _ActionPP, epoch=3),
+                            lambda ddp, root: resume(_ActionPP, root, ddp, num_epochs=4)),
+    "caml": (ddp_caml, lambda ddp, root: resume(_CAML, root, ddp)),
 }
 
 
@@ -193,7 +280,9 @@ def _worker(rank: int, init_file: str, out_dir: str, root: str) -> None:
         dist.destroy_process_group()
         for index, (name, (_, reference)) in enumerate(SCENARIOS.items()):
             if index % WORLD == rank:
+                started = time.monotonic()
                 results[f"{name}_reference"] = reference(results[name], Path(root))
+                results[f"{name}_reference"]["seconds"] = time.monotonic() - started
     except Exception:  # saved so that the test shows the rank's traceback instead of a bare exit code
         results["crash"] = traceback.format_exc()
     finally:
@@ -205,7 +294,7 @@ def _worker(rank: int, init_file: str, out_dir: str, root: str) -> None:
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    root = planned_tiny_root(tmp_path_factory.getbasetemp(), DATASET, name=NAME, n_labelled=5, n_unlabeled=0,
+    root = planned_tiny_root(tmp_path_factory.getbasetemp(), DATASET, n_labelled=5, n_unlabeled=0,
                              shape=(20, 24, 28))
     out_dir = tmp_path_factory.mktemp("ddp_trainers")
     context = mp.start_processes(_worker, args=(str(out_dir / "init"), str(out_dir), str(root)), nprocs=WORLD,
@@ -219,6 +308,8 @@ def ranks(tmp_path_factory) -> list[dict]:
     results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     crashes = [f"rank {r}:\n{result['crash']}" for r, result in enumerate(results) if "crash" in result]
     assert not crashes, "\n".join(crashes)
+    print({name: round(value["seconds"], 1) for r in results for name, value in r.items()
+           if isinstance(value, dict) and "seconds" in value})
     return results
 
 
@@ -241,6 +332,14 @@ def assert_close_states(got: dict, expected: dict, keys=None, rtol=1e-4, atol=1e
             assert torch.allclose(a, b, rtol=rtol, atol=atol), (k, (a - b).abs().max())
         else:
             assert torch.equal(a, b), k
+
+
+def assert_same_logs(ranks: list[dict], name: str) -> dict:
+    logs = [r[name]["logged"] for r in ranks]
+    assert logs[0].keys() == logs[1].keys()
+    for k, v in logs[0].items():
+        assert v == logs[1][k] or (math.isnan(v) and math.isnan(logs[1][k])), (name, k)
+    return logs[0]
 
 
 def assert_resumed_exactly(ranks: list[dict], name: str) -> None:
@@ -270,10 +369,9 @@ def test_ciml_two_ranks_equal_one_process_on_the_concatenated_batch(ranks):
 
 
 def test_ciml_logs_are_global_means(ranks):
-    logs = [r["ciml"]["logged"] for r in ranks]
-    assert logs[0] == logs[1]
+    log = assert_same_logs(ranks, "ciml")
     steps = [float(o["ciml_loss_seg"]) for r in ranks for o in r["ciml"]["outputs"]]
-    assert logs[0]["ciml_loss_seg"] == pytest.approx(sum(steps) / len(steps), rel=1e-6)
+    assert log["ciml_loss_seg"] == pytest.approx(sum(steps) / len(steps), rel=1e-6)
     assert ranks[0]["ciml"]["kl_history"] == ranks[1]["ciml"]["kl_history"]
 
 
@@ -289,3 +387,72 @@ def test_ciml_variational_stays_identical_on_ranks(ranks):
     initial = assert_identical_on_ranks(ranks, "ciml_variational", "initial")
     final = assert_identical_on_ranks(ranks, "ciml_variational", "final")
     assert any(not torch.equal(initial[k], final[k]) for k in initial)
+
+
+# ---------------------------------------------------------------------------------------------- tests: ACTION
+def assert_same_rows(got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:
+    """Equal up to the order of the rows (one process concatenates all labeled then all unlabeled images, the
+    ranks contribute labeled + unlabeled each, so the queues hold the same rows in another order)."""
+    assert got.shape == expected.shape
+    distance = torch.cdist(got.double().flatten(1), expected.double().flatten(1))
+    nearest = distance.argmin(1)
+    assert sorted(nearest.tolist()) == list(range(expected.shape[0]))  # a bijection
+    assert distance.min(1).values.max() < atol
+
+
+def test_action_stage_ii_teacher_heads_and_queues_identical_on_ranks(ranks):
+    assert [r["action_stage_ii"]["stage"] for r in ranks] == [1, 1]
+    initial = assert_identical_on_ranks(ranks, "action_stage_ii", "initial")
+    final = assert_identical_on_ranks(ranks, "action_stage_ii", "final")
+    for prefix in ("net.", "extra.teacher.", "extra.global_k.", "extra.local_k.", "extra.local_q."):
+        assert any(not torch.equal(initial[k], final[k]) for k in final if k.startswith(prefix)), prefix
+    # both queues received every rank's rows: 2 steps x (labeled + unlabeled) images of both ranks
+    images = STEPS * 2 * WORLD
+    assert int(final["extra.global_queue.pointer"]) == images
+    assert int(final["extra.local_queue.pointer"]) > int(initial["extra.local_queue.pointer"])
+    assert_same_logs(ranks, "action_stage_ii")
+
+
+def test_action_stage_ii_two_ranks_equal_one_process(ranks):
+    final = assert_identical_on_ranks(ranks, "action_stage_ii", "final")
+    ref = reference(ranks, "action_stage_ii")["final"]
+    queues = [k for k in final if k.endswith("queue.items")]
+    assert_close_states(final, ref, keys=[k for k in final if k not in queues], rtol=1e-4, atol=1e-5)
+    for k in queues:
+        assert_same_rows(final[k], ref[k])
+
+
+@pytest.mark.parametrize("name", ["action_stage_ii", "action_pp_stage_iii"])
+def test_action_checkpoint_of_rank_0_resumes_on_one_rank(ranks, name):
+    assert_resumed_exactly(ranks, name)
+
+
+def test_action_pp_stage_iii_centroids_and_saacl_queues_identical_on_ranks(ranks):
+    assert [r["action_pp_stage_iii"]["stage"] for r in ranks] == [2, 2]
+    initial = assert_identical_on_ranks(ranks, "action_pp_stage_iii", "initial")
+    final = assert_identical_on_ranks(ranks, "action_pp_stage_iii", "final")
+    for key in ("extra.centres.centroids", "extra.saacl_features.items", "extra.rep_head_ema.0.weight"):
+        assert not torch.equal(initial[key], final[key]), key
+    # every class is present in every rank's random labels: 16 voxels per class, rank and step
+    classes = 3
+    assert int(final["extra.saacl_labels.pointer"]) == STEPS * WORLD * classes * _SmallAction.saacl_pixels_per_class
+    assert_same_logs(ranks, "action_pp_stage_iii")
+
+
+# ---------------------------------------------------------------------------------------------- tests: CAML
+def test_caml_models_heads_and_memory_bank_identical_on_ranks(ranks):
+    initial = assert_identical_on_ranks(ranks, "caml", "initial")
+    final = assert_identical_on_ranks(ranks, "caml", "final")
+    for prefix in ("net.", "extra.net_a.", "extra.heads.proj_v.1.running_mean"):
+        assert any(not torch.equal(initial[k], final[k]) for k in final if k.startswith(prefix)), prefix
+    # the bank holds every labeled case of both ranks and both steps (one process on the concatenated batches
+    # would store the same cases)
+    cases = {k.split(".")[1] for k in final if k.startswith("bank.")}
+    assert cases == {f"case_{step}_{i}" for step in range(STEPS) for i in range(WORLD)}
+    assert torch.equal(ranks[0]["caml"]["generator"], ranks[1]["caml"]["generator"])
+    log = assert_same_logs(ranks, "caml")
+    assert log["caml_mem_classes"] > 0 and log["caml_occ_rows"] > 0  # the memory and OCC were active
+
+
+def test_caml_checkpoint_of_rank_0_resumes_on_one_rank(ranks):
+    assert_resumed_exactly(ranks, "caml")
