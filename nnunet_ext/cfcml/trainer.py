@@ -41,6 +41,13 @@ from nnunet_ext.cfcml.tabular import TABULAR_CSV, TabularDataError, TabularSchem
 from nnunet_ext.compat import unwrap
 from nnunet_ext.plans import merge_settings
 from nnunet_ext.training.base_trainer import ExtTrainerBase
+from nnunet_ext.training.distributed import (
+    all_gather_concat,
+    all_gather_objects,
+    all_gather_with_grad,
+    rank,
+    world_size,
+)
 from nnunet_ext.training.logging import log_epoch_values, register_log_keys
 from nnunet_ext.training.step import autocast_context, fp32_context
 
@@ -96,6 +103,11 @@ class CFCMLTrainerCore(ExtTrainerBase):
     """
 
     method_family: ClassVar[str] = "cfcml"
+    # DDP (docs/ddp.md 4.3): class-balanced batches per rank (the global batch is balanced too); the HRM prototypes
+    # come from every rank's features (differentiable gather, every rank computes the same HRM loss); CE stays per
+    # rank; the forward bypasses the DDP wrapper (it has no forward_all), so the shared step averages the
+    # gradients; validation cases are split over the ranks and the predictions gathered.
+    supports_ddp: ClassVar[bool] = True
     task_kind: ClassVar[str] = "classification"
     extra_log_keys: ClassVar[tuple[str, ...]] = ("cfcml_ce", "cfcml_l_sam", "cfcml_l_up", "cfcml_l_cp",
                                                  "cfcml_l_seg")
@@ -153,6 +165,7 @@ class CFCMLTrainerCore(ExtTrainerBase):
 
     def initialize(self) -> None:
         check_balanced_batch_size(self.configuration_manager.batch_size, self.num_classes)
+        self.check_ddp_batch_size()
         unknown = set(self.cfcml_overrides) - set(DEFAULT_SETTINGS)
         if unknown:
             raise KeyError(f"{type(self).__name__}.cfcml_overrides has unknown keys {sorted(unknown)}")
@@ -177,6 +190,17 @@ class CFCMLTrainerCore(ExtTrainerBase):
         self.val_keys = list(val_keys)
         register_log_keys(self, CLS_LOG_KEYS)
         self.logger.local_logger.extra_keys = [*self.extra_log_keys, *CLS_LOG_KEYS]
+
+    def check_ddp_batch_size(self) -> None:
+        """Under DDP every rank draws its own class-balanced share: the global batch must split into balanced
+        shares of at least two cases per class."""
+        ranks, classes = world_size(), self.num_classes
+        batch = self.configuration_manager.batch_size
+        if ranks > 1 and (batch % (ranks * classes) or batch // ranks < 2 * classes):
+            raise ValueError(
+                f"CFCML under DDP draws class-balanced batches on every rank: the batch size {batch} must be a "
+                f"multiple of {ranks} ranks x {classes} classes with at least {2 * classes} cases per rank (e.g. "
+                f"{ranks * 2 * classes}); set the CFCML setting batch_size with nnunet-ext configure cfcml --config")
 
     def do_split(self):
         if self.fold != "all" and not os.path.isfile(
@@ -246,13 +270,21 @@ class CFCMLTrainerCore(ExtTrainerBase):
         labels = self.table.labels(keys).to(self.device)
         s = self.settings
         use_seg = s["w_seg"] > 0
-        segmentation, logits, features = self.network.forward_all(batch["data"], tab, with_segmentation=use_seg)
+        # unwrapped: the DDP wrapper has no forward_all (the shared step averages the gradients instead)
+        segmentation, logits, features = unwrap(self.network).forward_all(batch["data"], tab,
+                                                                           with_segmentation=use_seg)
         nan = torch.tensor(math.nan, device=self.device)
         with fp32_context(self.device):
             ce = F.cross_entropy(logits.float(), labels)
             total = ce
             if any(s[k] > 0 for k in ("w_sam", "w_up", "w_cp")):
-                l_sam, l_up, l_cp = self.hrm(features.float(), labels, self.num_classes)
+                hrm_features, hrm_labels = features.float(), labels
+                if world_size() > 1:
+                    # prototypes of the global batch: [M, B_r, d] -> [sum B_r, M, d] (rank order) -> [M, B, d];
+                    # every rank computes the same HRM loss, so the averaged gradient is one process's
+                    hrm_features = all_gather_with_grad(hrm_features.transpose(0, 1).contiguous()).transpose(0, 1)
+                    hrm_labels = all_gather_concat(labels)
+                l_sam, l_up, l_cp = self.hrm(hrm_features, hrm_labels, self.num_classes)
                 total = total + s["w_sam"] * l_sam + s["w_up"] * l_up + s["w_cp"] * l_cp
             else:
                 l_sam = l_up = l_cp = nan
@@ -290,11 +322,20 @@ class CFCMLTrainerCore(ExtTrainerBase):
         network.train(was_training)
         return np.concatenate(probabilities) if probabilities else np.zeros((0, self.num_classes))
 
+    def predict_validation_cases_on_all_ranks(self, keys: list[str]) -> np.ndarray:
+        """:meth:`predict_validation_cases` with the cases split over the ranks (``keys[rank::N]``) and the
+        predictions gathered: every rank returns the same ``[N, K]`` array in ``keys`` order (a collective)."""
+        if world_size() == 1:
+            return self.predict_validation_cases(keys)
+        mine = keys[rank()::world_size()]
+        by_key = dict(all_gather_objects(list(zip(mine, self.predict_validation_cases(mine)))))
+        return np.stack([by_key[k] for k in keys]) if keys else np.zeros((0, self.num_classes))
+
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
         super().on_validation_epoch_end(val_outputs)
         values: dict[str, float] = {}
         if self.current_epoch % int(self.settings["cls_val_every"]) == 0 or self.current_epoch == self.num_epochs - 1:
-            probabilities = self.predict_validation_cases(self.val_keys)
+            probabilities = self.predict_validation_cases_on_all_ranks(self.val_keys)
             metrics = classification_metrics(self.table.labels(self.val_keys).numpy(), probabilities,
                                              self.schema.classes)
             values = {"cfcml_val_auc": metrics["auc"], "cfcml_val_bacc": metrics["balanced_accuracy"],

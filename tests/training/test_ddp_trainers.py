@@ -19,6 +19,8 @@ import datetime
 import json
 import math
 import os
+import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -27,10 +29,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers_nnunet import planned_tiny_root
+from helpers_nnunet import planned_tiny_root, set_nnunet_paths
 
 from nnunet_ext.action.trainer import ActionPlusPlusTrainerBase, ActionTrainerBase
 from nnunet_ext.caml.trainer import CAMLTrainerBase
+from nnunet_ext.cfcml.trainer import CFCMLTrainerCore
 from nnunet_ext.ciml.trainer import CIMLTrainerBase
 from nnunet_ext.compat import unwrap
 from nnunet_ext.training import distributed as D
@@ -97,6 +100,15 @@ class _CAML(_OnCPU, CAMLTrainerBase):
     memory_cap = 32
 
 
+class _CFCML(_OnCPU, CFCMLTrainerCore):
+    pass
+
+
+CFCML_ID, CFCML_NAME = 801, "CfcmlTiny"  # tests/cfcml's 2D classification dataset (3 classes)
+CFCML_PLANS, CFCML_PLANS_TOO_SMALL = "nnUNetCPUPlans_CFCMLDDP", "nnUNetCPUPlans_CFCMLDDP6"
+CFCML_BATCH = 12  # 2 ranks x 3 classes x 2 cases
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def _ddp_without_device_ids(module, device_ids=None, **kwargs):
     return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
@@ -109,6 +121,7 @@ def _set_paths(root: Path) -> None:
 
 
 def make_trainer(cls, root: Path, epoch: int = 5, num_epochs: int = 10):
+    _set_paths(root)
     folder = root / "nnUNet_preprocessed" / f"Dataset{DATASET:03d}_{NAME}"
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False
@@ -250,6 +263,81 @@ def ddp_caml(rank: int, root: Path, out_dir: Path) -> dict:
             "generator": trainer.memory_generator.get_state(), "checkpoint": checkpoint}
 
 
+def make_cfcml(root: Path, plans_identifier: str = CFCML_PLANS):
+    _set_paths(root)
+    folder = root / "nnUNet_preprocessed" / f"Dataset{CFCML_ID:03d}_{CFCML_NAME}"
+    plans = json.loads((folder / f"{plans_identifier}.json").read_text())
+    plans["continue_training"] = False
+    trainer = _CFCML(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.current_epoch = 5
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    return trainer
+
+
+def cfcml_global_batch(trainer, step: int) -> dict:
+    """A global batch whose rank shares are class-balanced (2 training cases per class and rank)."""
+    tr_keys, _ = trainer.do_split()
+    by_class = [sorted(k for k in tr_keys if int(trainer.table.rows[k].label) == c) for c in range(3)]
+    keys = [by_class[c][(step + i) % len(by_class[c])] for i in range(CFCML_BATCH // 3) for c in range(3)]
+    g = torch.Generator().manual_seed(3000 + step)
+    data = torch.randn((CFCML_BATCH, trainer.num_input_channels, *trainer.configuration_manager.patch_size),
+                       generator=g)
+    with torch.no_grad():
+        segmentation, _, _ = unwrap(trainer.network).forward_all(data[:1], trainer.table.batch(keys[:1]),
+                                                                 with_segmentation=True)
+    heads = trainer.label_manager.num_segmentation_heads
+    labels = torch.randint(0, heads, (CFCML_BATCH, 1, *data.shape[2:]), generator=g).float()
+    target = [torch.nn.functional.interpolate(labels, size=tuple(o.shape[2:]), mode="nearest") for o in segmentation]
+    return {"data": data, "target": target, "keys": keys}
+
+
+def cfcml_steps(trainer, batches: list[dict]) -> tuple[list[dict], dict]:
+    """Train steps; returns the outputs and the (averaged, clipped) network gradients of the first step."""
+    trainer.on_train_epoch_start()
+    outputs, first_gradients = [], {}
+    for step, batch in enumerate(batches):
+        outputs.append(trainer.train_step(batch))
+        if step == 0:
+            first_gradients = {n: p.grad.clone() for n, p in unwrap(trainer.network).named_parameters()
+                               if p.grad is not None}
+    trainer.on_train_epoch_end(outputs)
+    return outputs, first_gradients
+
+
+def ddp_cfcml(rank: int, root: Path, out_dir: Path) -> dict:
+    root = out_dir / "cfcml_root"
+    refused = ""
+    try:
+        make_cfcml(root, CFCML_PLANS_TOO_SMALL)
+    except ValueError as error:
+        refused = str(error)
+    trainer = make_cfcml(root)
+    initial = snapshot(trainer)
+    outputs, gradients = cfcml_steps(
+        trainer, [rank_share(cfcml_global_batch(trainer, s), rank, WORLD) for s in range(STEPS)])
+    validation = trainer.predict_validation_cases_on_all_ranks(trainer.val_keys)
+    checkpoint = str(out_dir / "cfcml.pth")
+    trainer.save_checkpoint(checkpoint)
+    return {"initial": initial, "final": snapshot(trainer), "outputs": outputs, "gradients": gradients,
+            "logged": logged(trainer), "validation": validation, "batch_size": trainer.batch_size,
+            "refused": refused, "checkpoint": checkpoint, "root": root,
+            "weight_factors": getattr(trainer.loss, "weight_factors", None)}
+
+
+def reference_cfcml(ddp: dict, _root: Path) -> dict:
+    trainer = make_cfcml(ddp["root"])
+    load_snapshot(trainer, ddp["initial"])
+    if ddp["weight_factors"] is not None:
+        trainer.loss.weight_factors = tuple(ddp["weight_factors"])
+    outputs, gradients = cfcml_steps(trainer, [cfcml_global_batch(trainer, s) for s in range(STEPS)])
+    validation = trainer.predict_validation_cases(trainer.val_keys)
+    resumed = make_cfcml(ddp["root"])
+    resumed.load_checkpoint(ddp["checkpoint"])
+    return {"final": snapshot(trainer), "outputs": outputs, "gradients": gradients, "validation": validation,
+            "resumed": snapshot(resumed), "resumed_epoch": resumed.current_epoch}
+
+
 SCENARIOS = {
     "ciml": (ddp_ciml, reference_ciml),
     "ciml_variational": (lambda r, root, out: ddp_ciml(r, root, out, _CIMLVariational),
@@ -258,6 +346,7 @@ SCENARIOS = {
     "action_pp_stage_iii": (lambda r, root, out: ddp_action(r, root, out, _ActionPP, epoch=3),
                             lambda ddp, root: resume(_ActionPP, root, ddp, num_epochs=4)),
     "caml": (ddp_caml, lambda ddp, root: resume(_CAML, root, ddp)),
+    "cfcml": (ddp_cfcml, reference_cfcml),
 }
 
 
@@ -292,11 +381,28 @@ def _worker(rank: int, init_file: str, out_dir: str, root: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
+def prepare_cfcml_root(base: Path, target: Path) -> None:
+    """A copy of tests/cfcml's planned dataset with two CFCML plans: batch 12 (balanced on 2 ranks) and 6."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cfcml"))
+    from cfcml_fixtures import PLANS, planned_classification_root
+
+    from nnunet_ext.plans import write_derived_plans
+
+    shutil.copytree(planned_classification_root(base, CFCML_ID, masks=True), target)
+    folder = str(target / "nnUNet_preprocessed" / f"Dataset{CFCML_ID:03d}_{CFCML_NAME}")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        set_nnunet_paths(monkeypatch, target)  # configure reads tabular.csv from the raw folder
+        # no classifier dropout: random per rank, and the one-process reference must draw the same network
+        write_derived_plans(folder, PLANS, CFCML_PLANS, "cfcml", {"batch_size": CFCML_BATCH, "dropout": 0.0})
+        write_derived_plans(folder, PLANS, CFCML_PLANS_TOO_SMALL, "cfcml", {"batch_size": 6})
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     root = planned_tiny_root(tmp_path_factory.getbasetemp(), DATASET, n_labelled=5, n_unlabeled=0,
                              shape=(20, 24, 28))
     out_dir = tmp_path_factory.mktemp("ddp_trainers")
+    prepare_cfcml_root(tmp_path_factory.getbasetemp(), out_dir / "cfcml_root")
     context = mp.start_processes(_worker, args=(str(out_dir / "init"), str(out_dir), str(root)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
@@ -456,3 +562,44 @@ def test_caml_models_heads_and_memory_bank_identical_on_ranks(ranks):
 
 def test_caml_checkpoint_of_rank_0_resumes_on_one_rank(ranks):
     assert_resumed_exactly(ranks, "caml")
+
+
+# ---------------------------------------------------------------------------------------------- tests: CFCML
+def test_cfcml_refuses_a_batch_that_is_not_balanced_on_every_rank(ranks):
+    for result in ranks:
+        assert "multiple of 2 ranks x 3 classes" in result["cfcml"]["refused"]
+        assert "batch_size" in result["cfcml"]["refused"]
+    assert [r["cfcml"]["batch_size"] for r in ranks] == [CFCML_BATCH // WORLD] * WORLD
+
+
+def test_cfcml_prototypes_are_global_and_gradients_equal_one_process(ranks):
+    ref = reference(ranks, "cfcml")
+    for step in range(STEPS):
+        for key in ("cfcml_l_sam", "cfcml_l_up", "cfcml_l_cp"):
+            # every rank computes the HRM terms on the gathered batch: the value one process gets
+            values = [float(r["cfcml"]["outputs"][step][key]) for r in ranks]
+            assert values[0] == values[1], (step, key)
+            if step == 0:  # same weights in both runs: the exact one-process value
+                assert values[0] == pytest.approx(float(ref["outputs"][0][key]), rel=1e-5), key
+    ce = [float(r["cfcml"]["outputs"][0]["cfcml_ce"]) for r in ranks]
+    assert sum(ce) / WORLD == pytest.approx(float(ref["outputs"][0]["cfcml_ce"]), rel=1e-5)
+    gradients = [r["cfcml"]["gradients"] for r in ranks]
+    assert gradients[0].keys() == gradients[1].keys() == ref["gradients"].keys()
+    for name, value in ref["gradients"].items():
+        assert torch.equal(gradients[0][name], gradients[1][name]), name
+        assert torch.allclose(gradients[0][name], value, rtol=1e-3, atol=1e-7), name
+    assert_identical_on_ranks(ranks, "cfcml", "final")
+    assert_same_logs(ranks, "cfcml")
+
+
+def test_cfcml_validation_is_split_and_gathered(ranks):
+    validation = [r["cfcml"]["validation"] for r in ranks]
+    assert (validation[0] == validation[1]).all()
+    ref = reference(ranks, "cfcml")["validation"]
+    assert validation[0].shape == ref.shape and ref.shape[0] > 1
+    # the final networks agree to rounding (Adam steps), so the probabilities do too
+    assert abs(validation[0] - ref).max() < 1e-3
+
+
+def test_cfcml_checkpoint_of_rank_0_resumes_on_one_rank(ranks):
+    assert_resumed_exactly(ranks, "cfcml")
