@@ -9,8 +9,9 @@ the draw is exactly the official uniform one; a class is sampled only when its t
 official threshold).
 
 Not an ``nn.Module``: slots are created lazily from case identifiers, so the bank has explicit
-``state_dict``/``load_state_dict`` for the trainer's extra checkpoint state. DDP (later): every rank must gather
-the entries of all ranks before sampling, otherwise each rank samples from its own cases only.
+``state_dict``/``load_state_dict`` for the trainer's extra checkpoint state. DDP: the bank itself is local;
+``OmniCorrelationConsistency.update_memory`` gathers every rank's entries before storing them, so all ranks hold
+the same bank, and the trainer samples it with a generator seeded identically on every rank.
 """
 from __future__ import annotations
 

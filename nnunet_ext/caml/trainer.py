@@ -119,7 +119,7 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
         if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 1:
             raise ValueError(f"unlabeled_batch_size must be >= 1 (CAML needs unlabeled samples), "
                              f"got {self.unlabeled_batch_size}")
-        n_unlabeled = self.unlabeled_batch_size or self.batch_size
+        n_unlabeled = self.unlabeled_batch_size_per_rank()
         if self.batch_size + n_unlabeled < 4:
             self.print_to_log_file(
                 f"WARNING: CAML batch = {self.batch_size} labeled + {n_unlabeled} unlabeled samples; inter-sample "

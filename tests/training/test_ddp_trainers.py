@@ -223,7 +223,8 @@ def reference_ciml(ddp: dict, root: Path, cls=_CIML) -> dict:
 def resume(cls, root: Path, ddp: dict, **make_kwargs) -> dict:
     resumed = make_trainer(cls, root, **{"epoch": 0, **make_kwargs})
     resumed.load_checkpoint(ddp["checkpoint"])
-    result = {"resumed": snapshot(resumed), "resumed_epoch": resumed.current_epoch}
+    result = {"resumed": snapshot(resumed), "resumed_epoch": resumed.current_epoch,
+              "resumed_rng": torch.get_rng_state()}
     if hasattr(resumed, "kl_history"):
         result["resumed_kl_history"] = resumed.kl_history
     return result
@@ -487,6 +488,16 @@ def test_ciml_checkpoint_of_rank_0_resumes_on_one_rank(ranks, name):
     ref = reference(ranks, name)
     assert ref["resumed_epoch"] == 6  # saved at epoch 5; nnU-Net stores current_epoch + 1
     assert ref["resumed_kl_history"] == ranks[0][name]["kl_history"]
+
+
+def test_checkpoint_holds_every_rank_rng_state_and_one_rank_continues_rank_0(ranks):
+    checkpoint = torch.load(ranks[0]["ciml_variational"]["checkpoint"], weights_only=False)
+    state = checkpoint["nnunet_ext"]["state"]
+    per_rank = state["rng_per_rank"]
+    assert len(per_rank) == WORLD
+    assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])  # the workers seeded torch with their rank
+    assert torch.equal(per_rank[0]["torch"], state["rng"]["torch"])
+    assert torch.equal(reference(ranks, "ciml_variational")["resumed_rng"], per_rank[0]["torch"])
 
 
 def test_ciml_variational_stays_identical_on_ranks(ranks):
