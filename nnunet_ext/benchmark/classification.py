@@ -546,7 +546,10 @@ def summarise(results: Mapping) -> list[dict]:
         pooled = [p for p in results.get("out_of_fold", []) if p["trainer"] == trainer and p["metrics"]]
         tests = [t for t in results.get("test", []) if t["trainer"] == trainer and t["status"] == "ok"]
         rows.append({
-            "trainer": trainer, "baseline": trainer in settings["baselines"], "runs": len(members), "runs_ok": len(ok),
+            # planned runs (folds x seeds) when known, so unfinished runs show as missing, not as absent
+            "trainer": trainer, "baseline": trainer in settings["baselines"],
+            "runs": max(len(members), len(settings.get("folds", ())) * len(settings.get("seeds", ()))),
+            "runs_ok": len(ok),
             "metrics": {k: mean_std([r["validation"][k] for r in ok]) for k in METRICS},
             "out_of_fold": {k: mean_std([p["metrics"][k] for p in pooled]) for k in METRICS},
             "test": {k: mean_std([t["metrics"][k] for t in tests]) for k in METRICS},
