@@ -537,7 +537,8 @@ def execute_test(trainer: str, budget_trainer: str, seed: int, records: Sequence
 # ---------------------------------------------------------------------------------------------- aggregation
 def summarise(results: Mapping) -> list[dict]:
     """One row per trainer: metrics as mean ± sample std over the finished (fold, seed) runs, out-of-fold metrics
-    over seeds, test metrics over seeds, cost; and the difference to the best baseline of every metric."""
+    over seeds, test metrics over seeds, cost; and the difference to the best baseline of every metric (the
+    baseline with the highest mean of that metric, the same reference for every row)."""
     runs, settings = results["runs"], results["settings"]
     rows = []
     for trainer in settings["trainers"]:
@@ -558,14 +559,15 @@ def summarise(results: Mapping) -> list[dict]:
             "wall_seconds": mean_std([r["training"]["wall_seconds"] for r in ok]),
         })
     for row in rows:
+        # every row against the same reference (the best baseline shows +0.0, the other baselines their gap to it)
         row["delta"], row["paired_auc"] = {}, None
         for metric in METRICS:
-            best = best_baseline(rows, metric, exclude=row["trainer"])
+            best = best_baseline(rows, metric)
             value = row["metrics"][metric]["mean"]
             row["delta"][metric] = None if best is None or value is None else {
                 "baseline": best["trainer"], "points": 100.0 * (value - best["metrics"][metric]["mean"])}
-        best = best_baseline(rows, "auc", exclude=row["trainer"])
-        if best is not None:
+        best = best_baseline(rows, "auc")
+        if best is not None and best["trainer"] != row["trainer"]:
             row["paired_auc"] = paired_differences(runs, row["trainer"], best["trainer"], "auc")
     return rows
 

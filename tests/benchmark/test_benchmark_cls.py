@@ -290,6 +290,9 @@ def test_delta_to_best_baseline(aucs, expected_delta, expected_reference):
     runs = [_record(t, f, 0, v) for t, values in aucs.items() for f, v in enumerate(values)]
     rows = {r["trainer"]: r for r in summarise(_results(runs, ["A", "B", "C"], ["B", "C"]))}
     assert rows["A"]["delta"]["auc"]["points"] == pytest.approx(expected_delta)
+    other = "C" if expected_reference == "B" else "B"  # the weaker baseline is compared with the same reference
+    assert rows[other]["delta"]["auc"]["baseline"] == expected_reference
+    assert rows[other]["delta"]["auc"]["points"] < 0 and rows[expected_reference]["delta"]["auc"]["points"] == 0
     assert rows["A"]["delta"]["auc"]["baseline"] == expected_reference
     assert rows["A"]["paired_auc"]["reference"] == expected_reference
     assert best_baseline(list(rows.values()), "auc")["trainer"] == expected_reference
@@ -304,5 +307,6 @@ def test_paired_differences_and_failed_runs():
     rows = {r["trainer"]: r for r in summarise(_results(runs, ["A", "B"], ["B"]))}
     assert rows["A"]["runs"] == 3 and rows["A"]["runs_ok"] == 2
     assert rows["A"]["metrics"]["auc"]["mean"] == pytest.approx(0.8)
-    assert rows["B"]["delta"]["auc"] is None  # a baseline has no other baseline to compare with
+    assert rows["B"]["delta"]["auc"] == {"baseline": "B", "points": 0.0}  # the best baseline is the reference
+    assert rows["B"]["paired_auc"] is None
     assert paired_differences(runs, "A", "missing", "auc") is None
