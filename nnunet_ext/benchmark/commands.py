@@ -16,7 +16,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             extra_trainer_dirs=tuple(args.trainer_dirs), planner=args.planner,
             final_validation=args.final_validation, tta=args.tta, da_workers=args.da_workers,
             predict_processes=args.predict_processes, overwrite=args.overwrite,
-            heartbeat_seconds=args.heartbeat,
+            heartbeat_seconds=args.heartbeat, missing_channels=tuple(args.missing_channels),
         )
         results = run_benchmark(settings)
     except (BenchmarkError, ValueError) as e:
@@ -68,4 +68,8 @@ def register(subparsers) -> None:
     p.add_argument("--predict-processes", type=int, default=1, help="-npp/-nps of nnUNetv2_predict (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="delete and redo the requested runs (never without it)")
     p.add_argument("--heartbeat", type=float, default=60.0, help="seconds between progress lines while a step runs")
+    p.add_argument("--missing-channels", nargs="+", default=[], metavar="CHANNEL",
+                   help="also predict and evaluate the test split without these channels (dataset.json "
+                        "channel names): CIML models switch their messages off, every other model gets all-zero "
+                        "images (nnunet-ext predict --missing-mode); the report adds a table with the drop")
     p.set_defaults(func=_cmd_benchmark)

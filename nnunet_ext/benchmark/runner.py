@@ -69,12 +69,14 @@ class BenchmarkSettings:
     predict_processes: int = 1
     overwrite: bool = False
     heartbeat_seconds: float = 60.0
+    missing_channels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.output = Path(self.output).resolve()
         self.trainers = tuple(self.trainers)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.extra_trainer_dirs = tuple(Path(d).resolve() for d in self.extra_trainer_dirs)
+        self.missing_channels = tuple(dict.fromkeys(str(c) for c in self.missing_channels))
         if self.fold != "all":
             try:
                 if int(self.fold) < 0:
@@ -116,6 +118,21 @@ class DatasetInfo:
     test_labels: Path
     test_cases: tuple[str, ...]
     image_cases: tuple[str, ...]
+
+
+def check_missing_channels(info: DatasetInfo, missing: Sequence[str]) -> None:
+    """``--missing-channels`` must name channels of the dataset (``channel_names`` values) and leave one present.
+
+    Raises:
+        BenchmarkError: naming the unknown channel and the dataset's channels.
+    """
+    names = [info.dataset_json["channel_names"][k] for k in sorted(info.dataset_json["channel_names"], key=int)]
+    unknown = [c for c in missing if c not in names]
+    if unknown:
+        raise BenchmarkError(f"--missing-channels {unknown}: not a channel of {info.name}; its channels are {names}")
+    if len(set(missing)) >= len(names):
+        raise BenchmarkError(f"--missing-channels would remove every channel of {info.name} ({names}); at least one "
+                             f"must stay present")
 
 
 def _env_folder(var: str) -> Path:
@@ -319,6 +336,7 @@ class Run:
     budget_trainer: str
     dataset: DatasetInfo
     seed: int
+    handles_missing_modalities: bool = False
 
     def key(self, settings: BenchmarkSettings) -> str:
         return f"{self.dataset.name}/{self.budget_trainer}__{settings.plans}__{settings.configuration}/" \
@@ -498,7 +516,66 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
             return finish(_fail(record, "evaluation", f"{type(e).__name__}: {e}", run_dir / "evaluation.log"))
     progress(f"{name}: mean Dice {record['evaluation']['foreground_mean']['Dice']:.4f}, inference "
              f"{record['inference']['seconds_per_case'] or math.nan:.2f} s/case")
+    if settings.missing_channels and run.role != "upper_bound":
+        step = predict_without_channels(run, settings, plans_file, train_env, progress, record)
+        if step is not None:
+            return finish(step)
     return finish(record)
+
+
+def _missing_tag(channels: Sequence[str]) -> str:
+    return "without_" + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", c) for c in channels)
+
+
+def predict_without_channels(run: Run, settings: BenchmarkSettings, plans_file: Path, env: dict,
+                             progress: Progress, record: dict) -> dict | None:
+    """Predict and evaluate the test split again with ``settings.missing_channels`` absent (``record["missing"]``).
+
+    Models built to handle a missing modality (``handles_missing_modalities``, CIML) switch its messages off;
+    every other model gets the channel as an all-zero image (what a stock nnU-Net user can do). Both through
+    ``nnunet-ext predict --missing ... --missing-mode``. Returns the failed record, or None when the step worked.
+    """
+    from nnunet_ext.benchmark.metrics import evaluate_folder
+
+    channels = list(settings.missing_channels)
+    mode = "messages-off" if run.handles_missing_modalities else "zero-fill"
+    tag = _missing_tag(channels)
+    run_dir = run.run_dir(settings)
+    predictions, evaluation_file = run_dir / f"predictions_{tag}", run_dir / f"evaluation_{tag}.json"
+    args = ["predict", "-i", str(run.dataset.test_images), "-o", str(predictions), "-d", run.dataset.name,
+            "-c", settings.configuration, "-tr", run.budget_trainer, "-p", settings.plans, "-f", settings.fold,
+            "-chk", "checkpoint_final.pth", "-device", settings.device, "-npp", str(settings.predict_processes),
+            "-nps", str(settings.predict_processes), "--missing", *channels, "--missing-mode", mode]
+    if not settings.tta:
+        args.append("--disable_tta")
+    step = f"prediction without {', '.join(channels)}"
+    record["missing"] = {"channels": channels, "mode": mode, "command": shlex.join(["nnunet-ext", *args]),
+                         "predictions": str(predictions), "evaluation": None}
+    ending = run.dataset.dataset_json["file_ending"]
+    complete = all((predictions / f"{case}{ending}").is_file() for case in run.dataset.test_cases)
+    if complete and evaluation_file.is_file():
+        record["missing"]["evaluation"] = _read_json(evaluation_file)
+    if record["missing"]["evaluation"] is not None:
+        record["reused_steps"].append(step)
+    else:
+        progress(f"{run.label} [{run.dataset.name}] seed {run.seed}: {step} ({mode})")
+        log = run_dir / f"predict_{tag}.log"
+        if predictions.exists():  # an interrupted earlier attempt: its files are ours (inside the run folder)
+            shutil.rmtree(predictions)
+        code = _run_logged([sys.executable, "-m", "nnunet_ext.cli", *args], env, log, progress, settings)
+        if code != 0:
+            return _fail(record, step, f"nnunet-ext predict exited with code {code}", log)
+        try:
+            record["missing"]["evaluation"] = evaluate_folder(run.dataset.test_labels, predictions,
+                                                              run.dataset.raw / "dataset.json", plans_file,
+                                                              evaluation_file)
+        except Exception as e:  # reported like a crashed step, not hidden
+            (run_dir / f"evaluation_{tag}.log").write_text(traceback.format_exc())
+            return _fail(record, f"evaluation without {', '.join(channels)}", f"{type(e).__name__}: {e}",
+                         run_dir / f"evaluation_{tag}.log")
+    progress(f"{run.label} [{run.dataset.name}] seed {run.seed}: mean Dice without {', '.join(channels)} "
+             f"{record['missing']['evaluation']['foreground_mean']['Dice']:.4f} ({mode})")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark
@@ -514,11 +591,14 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _select_trainers(settings: BenchmarkSettings, progress: Progress) -> tuple[list[str], list[dict], bool]:
-    """Stock first, then the requested segmentation trainers; classification trainers are excluded."""
+def _select_trainers(settings: BenchmarkSettings, progress: Progress
+                     ) -> tuple[list[str], list[dict], bool, dict[str, bool]]:
+    """Stock first, then the requested segmentation trainers; classification trainers are excluded. Also returns
+    whether any needs unlabeled images and, per trainer, whether it handles missing modalities by design."""
     from nnunet_ext.benchmark.trainer_info import trainer_traits
 
     selected, excluded, needs_unlabeled = [STOCK_TRAINER], [], False
+    handles_missing = {STOCK_TRAINER: False}
     for trainer in dict.fromkeys(settings.trainers):
         if trainer == STOCK_TRAINER:
             continue
@@ -534,7 +614,8 @@ def _select_trainers(settings: BenchmarkSettings, progress: Progress) -> tuple[l
             continue
         selected.append(trainer)
         needs_unlabeled |= traits.semi_supervised
-    return selected, excluded, needs_unlabeled
+        handles_missing[trainer] = traits.handles_missing_modalities
+    return selected, excluded, needs_unlabeled, handles_missing
 
 
 def _prepare_output(settings: BenchmarkSettings, runs: Sequence[Run], progress: Progress) -> None:
@@ -567,7 +648,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             raise BenchmarkError("--upper-bound-dataset must be another dataset (all training cases labeled)")
         check_same_test_cases(info, upper)
     progress(f"dataset {info.name}: {len(info.test_cases)} test case(s) in {info.test_labels}")
-    trainers, excluded, needs_unlabeled = _select_trainers(settings, progress)
+    if settings.missing_channels:
+        check_missing_channels(info, settings.missing_channels)
+    trainers, excluded, needs_unlabeled, handles_missing = _select_trainers(settings, progress)
     settings.output.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     plans_files = {info.name: ensure_plans(info, settings, env, progress)}
@@ -592,7 +675,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     for seed in settings.seeds:
         for trainer in trainers:
             role = "baseline" if trainer == STOCK_TRAINER else "method"
-            runs.append(Run(role, trainer, trainer, names[(trainer, seed)], info, seed))
+            runs.append(Run(role, trainer, trainer, names[(trainer, seed)], info, seed, handles_missing[trainer]))
         if upper is not None:
             runs.append(Run("upper_bound", "stock, all labeled", STOCK_TRAINER,
                             budget_trainer_name(STOCK_TRAINER, settings.budget.epochs, settings.budget.iterations,
@@ -616,7 +699,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             "upper_bound_dataset": settings.upper_bound_dataset,
             "upper_bound_dataset_name": None if upper is None else upper.name,
             "test_images": str(info.test_images), "test_labels": str(info.test_labels), "tta": settings.tta,
-            "final_validation": settings.final_validation,
+            "final_validation": settings.final_validation, "missing_channels": list(settings.missing_channels),
             "nnUNet_n_proc_DA": train_env.get("nnUNet_n_proc_DA"),
             "extra_trainer_dirs": [str(d) for d in settings.extra_trainer_dirs],
             "output": str(settings.output), "versions": _versions(), "command": " ".join(sys.argv),

@@ -23,12 +23,15 @@ SEMI_SUPERVISED_BASE = "ExtSemiSupervisedTrainerBase"
 class TrainerTraits:
     """``task_kind`` is the class attribute of :class:`~nnunet_ext.training.base_trainer.ExtTrainerBase`
     (``"segmentation"`` for stock nnU-Net trainers); ``semi_supervised`` means the class derives from
-    ``ExtSemiSupervisedTrainerBase`` and needs ``nnunet-ext preprocess-unlabeled``."""
+    ``ExtSemiSupervisedTrainerBase`` and needs ``nnunet-ext preprocess-unlabeled``; ``handles_missing_modalities``
+    (class attribute, False when absent) means its models can predict without some input channels by design
+    (``nnunet-ext predict --missing-mode messages-off``, CIML)."""
 
     name: str
     task_kind: str
     semi_supervised: bool
     module: str
+    handles_missing_modalities: bool = False
 
 
 @contextlib.contextmanager
@@ -65,4 +68,5 @@ def trainer_traits(name: str, extra_trainer_dirs: Sequence[str | Path] = ()) -> 
         task_kind=str(getattr(cls, "task_kind", "segmentation")),
         semi_supervised=any(c.__name__ == SEMI_SUPERVISED_BASE for c in cls.__mro__),
         module=cls.__module__,
+        handles_missing_modalities=bool(getattr(cls, "handles_missing_modalities", False)),
     )

@@ -53,6 +53,9 @@ class CIMLTrainerBase(ExtTrainerBase):
     network_gradients_via_ddp: ClassVar[bool] = True
     extra_log_keys: ClassVar[tuple[str, ...]] = ("ciml_loss_seg", "ciml_kl_total", "ciml_beta")
     ciml_overrides: ClassVar[dict[str, Any]] = {}
+    # an auxiliary modality may be absent at inference: its messages are switched off (nnunet-ext predict --missing);
+    # read by nnunet-ext benchmark --missing-channels to choose that mode instead of zero-filling the channel
+    handles_missing_modalities: ClassVar[bool] = True
     kl_log_file: ClassVar[str] = "ciml_kl.json"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

@@ -75,7 +75,7 @@ def first(tmp_path_factory):
             plan_dataset(dataset_id, "CPUPlanner", ["3d_fullres"], num_processes=1, verify_dataset_integrity=False)
     out = benchmark(root, "-d", str(DATASET), "--trainers", "ExtSmokeTrainer", "BenchCrashTrainer",
                     "BenchClassifierTrainer", "--trainer-dirs", str(TEST_TRAINERS_DIR), str(FIXTURES),
-                    "--upper-bound-dataset", str(UPPER), "--seeds", "0")
+                    "--upper-bound-dataset", str(UPPER), "--seeds", "0", "--missing-channels", "MRI")
     results = json.loads((root / "out" / "results.json").read_text()) if (root / "out" / "results.json").exists() \
         else None
     return {"root": root, "out": out, "results": results}
@@ -113,6 +113,13 @@ def test_complete_report_with_a_crashed_and_an_excluded_trainer(first):
         # the benchmark skipped nnU-Net's final validation (it evaluates the test split instead)
         assert not (Path(run["paths"]["model"]) / "validation").exists()
     assert runs[("stock, all labeled", 0)]["dataset"] == UPPER_NAME
+    # --missing-channels MRI: both models predicted again with MRI as an all-zero image, the bound is not
+    for label in ("nnUNetTrainer", "ExtSmokeTrainer"):
+        missing = runs[(label, 0)]["missing"]
+        assert missing["mode"] == "zero-fill" and missing["channels"] == ["MRI"]
+        assert [c["case"] for c in missing["evaluation"]["per_case"]] == ["ts_000", "ts_001"]
+        assert "--missing MRI --missing-mode zero-fill" in missing["command"]
+    assert "missing" not in runs[("stock, all labeled", 0)]
     crash = runs[("BenchCrashTrainer", 0)]
     assert crash["status"] == "failed" and crash["failed_step"] == "training"
     assert CRASH_MESSAGE in crash["log_tail"] and CRASH_MESSAGE in crash["error"]
@@ -125,6 +132,7 @@ def test_report_tables_gap_and_failure(first):
     assert "| nnUNetTrainer (stock) | 1/1 |" in report and "| ExtSmokeTrainer | 1/1 |" in report
     assert "| BenchCrashTrainer | 0/1 | — |" in report and f"| stock, all labeled [{UPPER_NAME}] | 1/1 |" in report
     assert "## Gap bound for semi-supervised comparisons" in report
+    assert "## Without MRI at inference" in report and "| nnUNetTrainer (stock) | `zero-fill` |" in report
     assert "A semi-supervised comparison is meaningful only when this gap is >= 3 Dice points" in report
     assert "### BenchCrashTrainer [Dataset994_Bench], seed 0: training failed" in report and CRASH_MESSAGE in report
     assert "- `BenchClassifierTrainer`: task_kind = 'classification'" in report

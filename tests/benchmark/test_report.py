@@ -182,3 +182,27 @@ def test_write_outputs_writes_json_report_and_pngs(runs, tmp_path):
     for name in pngs:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Dice per class](plots/dice_per_class.png)" in (tmp_path / "report.md").read_text()
+
+
+def _with_missing(run, mode, dice):
+    run["missing"] = {"channels": ["T1"], "mode": mode, "command": "nnunet-ext predict ...", "evaluation": {
+        "mean": {k: {"Dice": d} for k, d in zip(("1", "2"), dice)},
+        "foreground_mean": {"Dice": sum(dice) / 2}}}
+    return run
+
+
+def test_report_table_without_a_channel():
+    runs = [_with_missing(make_run("baseline", "nnUNetTrainer", 0, dice=(0.6, 0.8)), "zero-fill", (0.2, 0.4)),
+            _with_missing(make_run("method", "CIMLTrainer", 0, dice=(0.7, 0.9)), "messages-off", (0.68, 0.88)),
+            make_run("upper_bound", "stock, all labeled", 0, dice=(0.7, 0.9), dataset="Dataset993_BenchAll")]
+    results = make_results(runs)
+    results["settings"]["missing_channels"] = ["T1"]
+    report = format_report(results)
+    assert "## Without T1 at inference (mean ± std over seeds)" in report
+    assert "| nnUNetTrainer (stock) | `zero-fill` | 0.200 | 0.400 | 0.700 | 0.300 | +40.0 |" in report
+    assert "| CIMLTrainer | `messages-off` | 0.680 | 0.880 | 0.800 | 0.780 | +2.0 |" in report
+    assert "stock, all labeled [Dataset993_BenchAll] | `" not in report  # the bound is not predicted again
+
+
+def test_report_has_no_missing_section_without_the_option(runs):
+    assert "at inference" not in format_report(make_results(runs))

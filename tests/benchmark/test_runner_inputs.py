@@ -15,6 +15,7 @@ from nnunet_ext.benchmark.report import format_report
 from nnunet_ext.benchmark.runner import (
     BenchmarkError,
     BenchmarkSettings,
+    check_missing_channels,
     check_same_test_cases,
     ensure_plans,
     plans_differences,
@@ -176,3 +177,27 @@ def test_a_run_made_with_other_settings_is_not_reused(raw, tmp_path):
     with pytest.raises(BenchmarkError, match="other settings.*--overwrite"):
         check_reusable(run, settings)
     check_reusable(run, _settings(tmp_path, tta=True))
+
+
+@pytest.mark.parametrize("missing, message", [
+    (("T1",), r"not a channel of Dataset986_Missing; its channels are \['CT', 'MRI'\]"),
+    (("CT", "MRI"), "would remove every channel"),
+])
+def test_missing_channels_must_name_a_channel_and_leave_one(raw, missing, message):
+    _with_test_split(raw, 986, "Missing")
+    info = resolve_dataset("986")
+    with pytest.raises(BenchmarkError, match=message):
+        check_missing_channels(info, missing)
+    check_missing_channels(info, ("MRI",))  # a present name, one channel left: accepted
+
+
+def test_missing_channels_are_deduplicated_in_order(tmp_path):
+    assert _settings(tmp_path, missing_channels=["MRI", "CT", "MRI"]).missing_channels == ("MRI", "CT")
+
+
+@pytest.mark.parametrize("trainer, handles", [("CIMLTrainer", True), ("CIMLTrainer_noMessages", True),
+                                              ("nnUNetTrainer", False), ("CAMLTrainer", False)])
+def test_which_trainers_handle_missing_modalities(trainer, handles):
+    from nnunet_ext.benchmark.trainer_info import trainer_traits
+
+    assert trainer_traits(trainer).handles_missing_modalities is handles
