@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers_distributed import run_ranks
 from helpers_nnunet import planned_tiny_root, set_nnunet_paths
 
 from nnunet_ext.action.trainer import ActionPlusPlusTrainerBase, ActionTrainerBase
@@ -404,17 +404,7 @@ def ranks(tmp_path_factory) -> list[dict]:
                              shape=(20, 24, 28))
     out_dir = tmp_path_factory.mktemp("ddp_trainers")
     prepare_cfcml_root(tmp_path_factory.getbasetemp(), out_dir / "cfcml_root")
-    context = mp.start_processes(_worker, args=(str(out_dir / "init"), str(out_dir), str(root)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} gloo ranks did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
-    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    crashes = [f"rank {r}:\n{result['crash']}" for r, result in enumerate(results) if "crash" in result]
-    assert not crashes, "\n".join(crashes)
+    results = run_ranks(_worker, (str(out_dir / "init"), str(out_dir), str(root)), out_dir, WORLD, SPAWN_TIMEOUT_S)
     print({name: round(value["seconds"], 1) for r in results for name, value in r.items()
            if isinstance(value, dict) and "seconds" in value})
     return results

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers_distributed import run_ranks
 from torch import nn
 
 from nnunet_ext.training import distributed as D
@@ -266,18 +265,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks saw, after one spawn running every scenario."""
     out_dir = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(_worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} gloo ranks did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
-    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    crashes = [r.get("crash") for r in results if "crash" in r]
-    assert not crashes, "\n".join(crashes)
-    return results
+    return run_ranks(_worker, (str(out_dir / "init"), str(out_dir)), out_dir, WORLD, SPAWN_TIMEOUT_S)
 
 
 def assert_same_on_ranks(ranks: list[dict], *path: str):
