@@ -442,8 +442,6 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         state = super().extra_checkpoint_state()
         state["stage"] = self.action_stage
         state["stage_epochs"] = list(self.resolved_stage_epochs)
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def prepare_for_extra_state(self, state: dict[str, Any]) -> None:
@@ -454,12 +452,6 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
                                    f"{self.resolved_stage_epochs} (num_epochs changed?)")
         self.action_stage = int(state["stage"])
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
-
-    def restore_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
-        super().restore_extra_checkpoint_state(state)
-        cuda_rng = state.get("rng", {}).get("cuda")
-        if cuda_rng is not None and torch.cuda.is_available() and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 class ActionPlusPlusTrainerBase(ActionTrainerBase):

@@ -221,12 +221,16 @@ class ExtTrainerBase(nnUNetTrainer):
         """
         return {
             "extra_modules": self.extra_modules.state_dict(),
-            "rng": self._host_rng_state(),
+            "rng": self._rng_state(),
         }
 
-    @staticmethod
-    def _host_rng_state() -> dict[str, Any]:
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    def _rng_state(self) -> dict[str, Any]:
+        """This process's random generators: torch (CPU), NumPy, Python and, on CUDA, the generator of this rank's
+        device (each DDP rank has its own device, so gathering these per rank keeps every rank's stream)."""
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def prepare_for_extra_state(self, state: dict[str, Any]) -> None:
         """Called before nnU-Net loads the checkpoint: make the optimiser's parameter groups match the saved
@@ -245,6 +249,8 @@ class ExtTrainerBase(nnUNetTrainer):
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         if len(per_rank) != world_size() and rank() > 0:
             # another number of ranks (R5): rank 0 continues rank 0's streams; the others need their own, distinct
             # and reproducible streams (identical ones would draw identical augmentations on every rank)
@@ -256,7 +262,7 @@ class ExtTrainerBase(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         # nnU-Net calls this on every rank; only rank 0 writes. The RNG states of all ranks are gathered first
         # (a collective, so before any rank-0-only branch) so that --c on the same number of ranks is exact (R5).
-        rng_per_rank = all_gather_objects([self._host_rng_state()]) if world_size() > 1 else None
+        rng_per_rank = all_gather_objects([self._rng_state()]) if world_size() > 1 else None
         super().save_checkpoint(filename)
         if self.local_rank == 0 and not self.disable_checkpointing:
             state = self.extra_checkpoint_state()
