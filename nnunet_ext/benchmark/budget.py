@@ -13,7 +13,7 @@ import ast
 import importlib.util
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +134,8 @@ def trainer_import_lines(trainers: Sequence[str], extra_trainer_dirs: Sequence[s
     return lines
 
 
-def _class_lines(name: str, base: str, budget: Budget, seed: int | None, skip_final_validation: bool) -> list[str]:
+def _class_lines(name: str, base: str, budget: Budget, seed: int | None, skip_final_validation: bool,
+                 class_attributes: Mapping[str, object] | None = None) -> list[str]:
     doc = f"{base} for {budget.epochs} epochs x {budget.iterations} iterations" + \
         ("." if seed is None else f", seed {seed}.")
     lines = [
@@ -142,6 +143,10 @@ def _class_lines(name: str, base: str, budget: Budget, seed: int | None, skip_fi
         f"class {name}({base}):",
         f'    """{doc}"""',
         "",
+    ]
+    if class_attributes:
+        lines += [*(f"    {attribute} = {value!r}" for attribute, value in class_attributes.items()), ""]
+    lines += [
         # nnU-Net records __init__'s named arguments in every checkpoint: keep the exact signature
         "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
     ]
@@ -194,8 +199,8 @@ def write_budget_trainers(folder: str | Path, trainers: list[str], epochs: int, 
 
 
 def write_benchmark_trainers(folder: str | Path, trainers: Sequence[str], budget: Budget, seeds: Sequence[int],
-                             skip_final_validation: bool = True,
-                             extra_trainer_dirs: Sequence[str | Path] = ()) -> dict[tuple[str, int], str]:
+                             skip_final_validation: bool = True, extra_trainer_dirs: Sequence[str | Path] = (),
+                             class_attributes: Mapping[str, object] | None = None) -> dict[tuple[str, int], str]:
     """Write one subclass per (trainer, seed) with the budget, seeding in ``__init__``.
 
     Args:
@@ -206,6 +211,8 @@ def write_benchmark_trainers(folder: str | Path, trainers: Sequence[str], budget
         skip_final_validation: replace nnU-Net's final validation (prediction of the validation cases, with fold
             ``all`` every training case) by a log line, because the benchmark evaluates the test split.
         extra_trainer_dirs: further folders with trainer files (e.g. the user's own ``nnUNet_extTrainer``).
+        class_attributes: class attributes every generated class sets (``{name: literal value}``), e.g.
+            ``{"segmentation_validation": False}`` for classification trainers.
 
     Returns:
         ``{(trainer, seed): generated class name}``.
@@ -218,6 +225,6 @@ def write_benchmark_trainers(folder: str | Path, trainers: Sequence[str], budget
     imports = trainer_import_lines(trainers, extra_trainer_dirs)
     names = {(t, s): budget_trainer_name(t, budget.epochs, budget.iterations, s)
              for t in dict.fromkeys(trainers) for s in seeds}
-    _write_module(folder, imports, [_class_lines(name, t, budget, s, skip_final_validation)
+    _write_module(folder, imports, [_class_lines(name, t, budget, s, skip_final_validation, class_attributes)
                                     for (t, s), name in names.items()])
     return names

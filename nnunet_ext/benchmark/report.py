@@ -149,7 +149,8 @@ def gap_bound(rows: Sequence[Mapping]) -> dict | None:
             "all_labeled": u}
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table as lines: header, separator, one row per body entry."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *["| " + " | ".join(cells) + " |" for cells in body]]
 
@@ -193,7 +194,7 @@ def format_report(results: Mapping) -> str:
                      *[format_mean_std(row["dice"][k]) for k in label_keys], format_mean_std(row["mean_dice"]),
                      delta, *[format_mean_std(row["hd95"][k], 2) for k in label_keys],
                      str(row["hd95_infinite_cases"])])
-    lines += _table(header, body)
+    lines += markdown_table(header, body)
     lines += ["", "## Cost (mean ± std over seeds; × = ratio to stock)", ""]
     cuda = any(r["cuda_peak_mb"]["mean"] is not None for r in rows)
     header = ["run", "s / training iteration", "× stock", "peak memory (MB)", "× stock",
@@ -212,7 +213,7 @@ def format_report(results: Mapping) -> str:
                                   b["inference_seconds_per_case"]["mean"]),
                      format_mean_std(row["network_seconds_per_case"], 3),
                      format_ratio(row["network_seconds_per_case"]["mean"], b["network_seconds_per_case"]["mean"])])
-    lines += _table(header, body)
+    lines += markdown_table(header, body)
 
     missing = settings.get("missing_channels") or []
     if missing:
@@ -232,7 +233,7 @@ def format_report(results: Mapping) -> str:
             body.append([_run_name(row, several), f"`{row['missing_mode']}`",
                          *[format_mean_std(row["missing_dice"][k]) for k in label_keys],
                          format_mean_std(row["mean_dice"]), format_mean_std(row["missing_mean_dice"]), drop])
-        lines += _table(header, body)
+        lines += markdown_table(header, body)
 
     gap = gap_bound(rows)
     if settings.get("upper_bound_dataset") is not None:

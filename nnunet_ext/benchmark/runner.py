@@ -395,17 +395,23 @@ def _fail(record: dict, step: str, error: str, log_file: Path) -> dict:
     return record
 
 
-def _training_record(run: Run, settings: BenchmarkSettings) -> dict:
+SEGMENTATION_CURVES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")
+
+
+def training_record(fold_dir: Path, run_dir: Path, iterations: int,
+                    curve_keys: Sequence[str] = SEGMENTATION_CURVES) -> dict:
+    """Cost and curves of a finished training: seconds per iteration from the logged epoch timestamps of
+    ``fold_dir/checkpoint_final.pth``, memory from ``run_dir/train_stats.json``, the logged ``curve_keys`` per
+    epoch (``train_losses`` must be among them: it counts the epochs)."""
     import torch
 
     from nnunet_ext.benchmark.report import seconds_per_iteration
 
-    checkpoint = torch.load(run.fold_dir(settings) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     logging = checkpoint["logging"]
-    timing = seconds_per_iteration(logging, settings.budget.iterations)
-    stats = _read_json(run.run_dir(settings) / "train_stats.json") or {}
-    curves = {k: [float(v) for v in logging.get(k, [])]
-              for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")}
+    timing = seconds_per_iteration(logging, iterations)
+    stats = _read_json(run_dir / "train_stats.json") or {}
+    curves = {k: [float(v) for v in logging.get(k, [])] for k in curve_keys}
     return {
         "seconds_per_iteration": timing["value"], "epochs_timed": timing["epochs_timed"],
         "warmup_excluded": timing["warmup_excluded"], "epochs": len(curves["train_losses"]),
@@ -424,17 +430,21 @@ def _predictions_complete(run: Run, settings: BenchmarkSettings) -> bool:
         all((folder / f"{case}{ending}").is_file() for case in run.dataset.test_cases)
 
 
-def check_reusable(run: Run, settings: BenchmarkSettings) -> None:
-    """Refuse to continue a run folder that was made with other settings (device, TTA, final validation).
+def check_run_folder_reusable(run_dir: Path, settings_key: dict) -> None:
+    """Refuse to continue a run folder whose ``run.json`` was written with another ``settings_key``.
 
     Raises:
         BenchmarkError: naming the folder, both settings and the way out.
     """
-    run_dir = run.run_dir(settings)
     previous = _read_json(run_dir / "run.json")
-    if previous is not None and previous.get("settings_key") != _settings_key(settings):
+    if previous is not None and previous.get("settings_key") != settings_key:
         raise BenchmarkError(f"{run_dir} was made with other settings ({previous.get('settings_key')} instead of "
-                             f"{_settings_key(settings)}); use another --output or pass --overwrite to redo it")
+                             f"{settings_key}); use another --output or pass --overwrite to redo it")
+
+
+def check_reusable(run: Run, settings: BenchmarkSettings) -> None:
+    """Refuse to continue a run folder that was made with other settings (device, TTA, final validation)."""
+    check_run_folder_reusable(run.run_dir(settings), _settings_key(settings))
 
 
 def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: dict, train_env: dict,
@@ -477,7 +487,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
         code = _run_logged(commands["train_measured"], train_env, log, progress, settings)
         if code != 0 or not (fold_dir / "checkpoint_final.pth").is_file():
             return finish(_fail(record, "training", f"nnUNetv2_train exited with code {code}", log))
-    record["training"] = _training_record(run, settings)
+    record["training"] = training_record(fold_dir, run_dir, settings.budget.iterations)
     progress(f"{name}: {record['training']['seconds_per_iteration'] or math.nan:.3f} s/iteration, peak memory "
              f"{record['training']['peak_rss_mb'] or math.nan:.0f} MB")
 

@@ -50,8 +50,9 @@ def _trainer_lookup_path(extra_trainer_dirs: Sequence[str | Path]):
             os.environ[ENV_VAR] = old
 
 
-def trainer_traits(name: str, extra_trainer_dirs: Sequence[str | Path] = ()) -> TrainerTraits:
-    """Load ``name`` as nnU-Net would and read its traits.
+def load_trainer_class(name: str, extra_trainer_dirs: Sequence[str | Path] = ()) -> type:
+    """The trainer class ``name`` as ``nnUNetv2_train`` will load it (nnU-Net's lookup over our trainer folders
+    and ``extra_trainer_dirs``).
 
     Raises:
         ValueError: nnU-Net cannot find the class (the message lists where it looked).
@@ -60,9 +61,18 @@ def trainer_traits(name: str, extra_trainer_dirs: Sequence[str | Path] = ()) -> 
 
     with _trainer_lookup_path(extra_trainer_dirs), contextlib.redirect_stdout(io.StringIO()):
         try:
-            cls = recursive_find_trainer_class_by_name(name)
+            return recursive_find_trainer_class_by_name(name)
         except RuntimeError as e:  # nnU-Net's "could not find" (import errors of a trainer file propagate)
             raise ValueError(f"trainer {name!r}: {e}") from e
+
+
+def trainer_traits(name: str, extra_trainer_dirs: Sequence[str | Path] = ()) -> TrainerTraits:
+    """Load ``name`` as nnU-Net would (:func:`load_trainer_class`) and read its traits.
+
+    Raises:
+        ValueError: nnU-Net cannot find the class (the message lists where it looked).
+    """
+    cls = load_trainer_class(name, extra_trainer_dirs)
     return TrainerTraits(
         name=name,
         task_kind=str(getattr(cls, "task_kind", "segmentation")),
