@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nnunet_ext.training.distributed import all_reduce_sum_, world_size
+from nnunet_ext.training.distributed import all_reduce_sum_
 
 
 def simplex_centres(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -64,19 +64,10 @@ class AdaptiveCentreAllocator(nn.Module):
         so the centroids and the Hungarian assignment stay identical on every rank.
         """
         features = F.normalize(features.detach().float(), dim=1)
-        if world_size() > 1:
-            self._update_global(features, labels)
-            return
-        for c in torch.unique(labels[labels >= 0]).tolist():
-            mean = F.normalize(features[labels == c].mean(0), dim=0)
-            self.centroids[c] = F.normalize(self.momentum * self.centroids[c] + (1 - self.momentum) * mean, dim=0)
-
-    def _update_global(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        num_classes = self.centroids.shape[0]
         keep = labels >= 0
         sums = torch.zeros_like(self.centroids).index_add_(0, labels[keep].long(), features[keep])
-        counts = torch.bincount(labels[keep].long(), minlength=num_classes).to(sums.dtype)
-        all_reduce_sum_(sums)
+        counts = torch.bincount(labels[keep].long(), minlength=self.centroids.shape[0]).to(sums.dtype)
+        all_reduce_sum_(sums)  # identity in a single process
         all_reduce_sum_(counts)
         for c in torch.nonzero(counts > 0).flatten().tolist():
             mean = F.normalize(sums[c] / counts[c], dim=0)
