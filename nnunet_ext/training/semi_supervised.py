@@ -41,8 +41,7 @@ class ExtSemiSupervisedTrainerBase(ExtTrainerBase):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        batch_size = None if self.unlabeled_batch_size is None else self.unlabeled_batch_size_per_rank()
-        self.dataloader_unlabeled = build_unlabeled_augmenter(self, batch_size=batch_size)
+        self.dataloader_unlabeled = build_unlabeled_augmenter(self, batch_size=self.unlabeled_batch_size_per_rank())
 
     def next_unlabeled_batch(self) -> dict:
         """``{'data': [B_U, C, *patch], 'valid': bool [B_U, 1, *patch], 'keys': [...]}`` on ``self.device``.
