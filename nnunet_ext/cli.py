@@ -92,6 +92,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         args.d, planner=args.pl, configurations=args.c, gpu_memory_target_in_gb=args.gpu_memory_target,
         overwrite_plans_name=args.overwrite_plans_name, num_processes=args.np, preprocess=not args.no_pp,
         verify_dataset_integrity=args.verify_dataset_integrity, verbose=args.verbose,
+        overwrite_target_spacing=args.overwrite_target_spacing,
     )
     print(f"Plans identifier: {identifier}  (train with: nnUNetv2_train {args.d} CONFIG FOLD -p {identifier})")
     return 0
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", nargs="+", default=None, help="configurations to preprocess (default: all planned)")
     p.add_argument("-gpu_memory_target", type=float, default=None, help="VRAM target in GB (planner default)")
     p.add_argument("-overwrite_plans_name", default=None, help="custom plans identifier")
+    p.add_argument("-overwrite_target_spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="target spacing in mm (axis order of nnU-Net arrays) instead of nnU-Net's choice, as "
+                        "nnUNetv2_plan_experiment; also sets 2d's in-plane spacing; combine with -overwrite_plans_name")
     p.add_argument("-np", type=int, default=2, help="processes for fingerprinting and preprocessing")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     p.add_argument("--verify_dataset_integrity", action="store_true", help="run nnU-Net's dataset check first")

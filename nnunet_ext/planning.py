@@ -130,7 +130,8 @@ def _require_nnunet_paths() -> None:
 def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: Sequence[str] | None = None,
                  gpu_memory_target_in_gb: float | None = None, overwrite_plans_name: str | None = None,
                  num_processes: int = 2, preprocess: bool = True, verify_dataset_integrity: bool = True,
-                 verbose: bool = False, overwrite_fingerprint: bool = False) -> str:
+                 verbose: bool = False, overwrite_fingerprint: bool = False,
+                 overwrite_target_spacing: Sequence[float] | None = None) -> str:
     """Fingerprints, plans and (optionally) preprocesses a dataset with a planner chosen by name.
 
     Equivalent to ``nnUNetv2_plan_and_preprocess -d ID -pl PLANNER`` but ``planner`` may also name a planner of
@@ -148,6 +149,10 @@ def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: S
         verify_dataset_integrity: Run nnU-Net's dataset integrity check first.
         verbose: Let nnU-Net print per-case details.
         overwrite_fingerprint: Recompute ``dataset_fingerprint.json`` even if it exists.
+        overwrite_target_spacing: Target spacing in mm, in the axis order of nnU-Net's arrays (before the planner's
+            transposition), instead of the one nnU-Net derives from the fingerprint, e.g. a coarser one for CPU
+            plans; nnU-Net 2.8.1 uses its in-plane part for ``2d`` too. Use it with ``overwrite_plans_name`` so the
+            default plans are not replaced.
 
     Returns:
         The plans identifier, i.e. the value for ``nnUNetv2_train -p``.
@@ -158,6 +163,12 @@ def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: S
     """
     planner_class = find_planner_class(planner)
     _require_nnunet_paths()
+    target_spacing = None
+    if overwrite_target_spacing is not None:
+        target_spacing = [float(value) for value in overwrite_target_spacing]
+        if len(target_spacing) != 3 or min(target_spacing) <= 0:
+            raise ValueError(f"overwrite_target_spacing must be three positive spacings (z, y, x in mm), "
+                             f"got {list(overwrite_target_spacing)}")
 
     from nnunetv2.experiment_planning import plan_and_preprocess_api
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as verify
@@ -173,7 +184,7 @@ def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: S
                 dataset_id, num_processes=num_processes, check_dataset_integrity=False, clean=True, verbose=verbose)
         _, plans_identifier = plan_and_preprocess_api.plan_experiment_dataset(
             dataset_id, experiment_planner_class=planner_class, gpu_memory_target_in_gb=gpu_memory_target_in_gb,
-            overwrite_plans_name=overwrite_plans_name)
+            overwrite_target_spacing=target_spacing, overwrite_plans_name=overwrite_plans_name)
         if preprocess:
             configurations = list(DEFAULT_CONFIGURATIONS if configurations is None else configurations)
             # nnU-Net's preprocess_dataset wants one process count per configuration, not a bare int.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_TRAINERS_DIR, console_script
-from helpers_nnunet import make_tiny_dataset, set_nnunet_paths
+from helpers_nnunet import extract_fast_fingerprint, make_tiny_dataset, set_nnunet_paths
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +23,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixture_trainers"
 DATASET, UPPER = 994, 995
 NAME, UPPER_NAME = f"Dataset{DATASET}_Bench", f"Dataset{UPPER}_BenchAll"
 CRASH_MESSAGE = "BenchCrashTrainer fails on purpose in its first training step"
-
-
-def _fast_fingerprint(dataset_id: int) -> None:
-    """nnU-Net's fingerprint with 1e5 instead of 1e8 sampled voxels (seconds instead of ~20 s for tiny data)."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
-
-    class FastExtractor(DatasetFingerprintExtractor):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.num_foreground_voxels_for_intensitystats = 1e5
-
-    extract_fingerprint_dataset(dataset_id, FastExtractor, num_processes=1, check_dataset_integrity=False,
-                                clean=True, verbose=False, show_progress_bar=False)
 
 
 def _add_test_split(dataset: Path, source: Path) -> None:
@@ -71,7 +57,7 @@ def first(tmp_path_factory):
             _add_test_split(dataset, test)
         mp.setenv("nnUNet_n_proc_DA", "1")  # planning needs a positive value in nnU-Net 2.8.1
         for dataset_id in (DATASET, UPPER):
-            _fast_fingerprint(dataset_id)  # plan_dataset reuses it
+            extract_fast_fingerprint(dataset_id)  # plan_dataset reuses it
             plan_dataset(dataset_id, "CPUPlanner", ["3d_fullres"], num_processes=1, verify_dataset_integrity=False)
     out = benchmark(root, "-d", str(DATASET), "--trainers", "ExtSmokeTrainer", "BenchCrashTrainer",
                     "BenchClassifierTrainer", "--trainer-dirs", str(TEST_TRAINERS_DIR), str(FIXTURES),
