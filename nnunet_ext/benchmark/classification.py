@@ -44,6 +44,7 @@ from nnunet_ext.benchmark.budget import Budget, write_benchmark_trainers
 from nnunet_ext.benchmark.report import (
     format_mean_std,
     format_number,
+    format_signed,
     markdown_table,
     mean_std,
 )
@@ -549,7 +550,7 @@ def paired_differences(runs: Sequence[Mapping], trainer: str, reference: str, me
 
 # ---------------------------------------------------------------------------------------------- report
 def _points(delta: Mapping | None) -> str:
-    return "—" if delta is None else f"{delta['points']:+.1f}"
+    return "—" if delta is None else format_signed(delta["points"])
 
 
 def format_report(results: Mapping) -> str:

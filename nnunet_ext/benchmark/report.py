@@ -85,10 +85,16 @@ def format_ratio(value: float | None, baseline: float | None) -> str:
     return f"{value / baseline:.2f}"
 
 
+def format_signed(value: float, digits: int = 1) -> str:
+    """``+1.2`` / ``-0.4``; a value that rounds to zero shows ``0.0`` (never ``-0.0`` or ``+0.0``)."""
+    text = f"{value:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
 def format_delta(value: float | None, baseline: float | None, digits: int = 3) -> str:
     if value is None or baseline is None or not math.isfinite(value) or not math.isfinite(baseline):
         return "—"
-    return f"{value - baseline:+.{digits}f}"
+    return format_signed(value - baseline, digits)
 
 
 def _group_key(run: Mapping) -> tuple:
@@ -229,7 +235,7 @@ def format_report(results: Mapping) -> str:
             if row["missing_mode"] is None:
                 continue
             full, without = row["mean_dice"]["mean"], row["missing_mean_dice"]["mean"]
-            drop = "—" if full is None or without is None else f"{100.0 * (full - without):+.1f}"
+            drop = "—" if full is None or without is None else format_signed(100.0 * (full - without))
             body.append([_run_name(row, several), f"`{row['missing_mode']}`",
                          *[format_mean_std(row["missing_dice"][k]) for k in label_keys],
                          format_mean_std(row["mean_dice"]), format_mean_std(row["missing_mean_dice"]), drop])

@@ -10,6 +10,7 @@ from nnunet_ext.benchmark.report import (
     format_mean_std,
     format_ratio,
     format_report,
+    format_signed,
     gap_bound,
     mean_std,
     seconds_per_iteration,
@@ -29,6 +30,14 @@ def test_seconds_per_iteration(starts, ends, iterations, skip, value, timed, exc
     result = seconds_per_iteration({"epoch_start_timestamps": starts, "epoch_end_timestamps": ends}, iterations,
                                    skip_warmup=skip)
     assert result == {"value": value, "epochs_timed": timed, "warmup_excluded": excluded}
+
+
+@pytest.mark.parametrize("value, digits, text", [
+    (1.25, 1, "+1.2"), (-0.44, 1, "-0.4"), (-0.04, 1, "0.0"), (0.04, 1, "0.0"), (0.0, 1, "0.0"), (-0.0, 3, "0.000"),
+    (-0.0004, 3, "0.000"), (0.0123, 3, "+0.012"),
+])
+def test_format_signed_never_shows_a_signed_zero(value, digits, text):
+    assert format_signed(value, digits) == text
 
 
 def test_seconds_per_iteration_bad_iterations():
