@@ -144,8 +144,8 @@ def make_tiny_dataset(raw_root: str | os.PathLike, dataset_id: int = 990, name: 
     return folder
 
 
-def extract_fast_fingerprint(dataset_id: int) -> None:
-    """nnU-Net's fingerprint with 1e5 instead of 1e8 sampled foreground voxels per channel.
+def extract_fingerprint(dataset_id: int, fast: bool = True) -> None:
+    """nnU-Net's dataset fingerprint with one process; ``fast`` samples 1e5 instead of 1e8 foreground voxels.
 
     nnU-Net's extractor samples a fixed 1e8 voxels in total *with replacement*, whatever the dataset size, which
     costs ~20 s even for six tiny cases; the statistics stay representative for the tiny test datasets.
@@ -159,8 +159,9 @@ def extract_fast_fingerprint(dataset_id: int) -> None:
             super().__init__(*args, **kwargs)
             self.num_foreground_voxels_for_intensitystats = 1e5
 
-    extract_fingerprint_dataset(dataset_id, _FastFingerprintExtractor, num_processes=1, check_dataset_integrity=False,
-                                clean=True, verbose=False, show_progress_bar=False)
+    extractor = _FastFingerprintExtractor if fast else DatasetFingerprintExtractor
+    extract_fingerprint_dataset(dataset_id, extractor, num_processes=1, check_dataset_integrity=False, clean=True,
+                                verbose=False, show_progress_bar=False)
 
 
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("3d_fullres",),
@@ -174,23 +175,13 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("3d_fu
         dataset_id: dataset ID in ``nnUNet_raw``.
         configurations: configurations whose labelled data is preprocessed (all are planned anyway).
         plans_identifier: plans to preprocess with.
-        fast_fingerprint: use :func:`extract_fast_fingerprint` instead of nnU-Net's full fingerprint.
+        fast_fingerprint: the fast fingerprint of :func:`extract_fingerprint`.
     """
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset,
-        plan_experiment_dataset,
-        preprocess_dataset,
-    )
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("nnUNet_n_proc_DA", "1")
-        if fast_fingerprint:
-            extract_fast_fingerprint(dataset_id)
-        else:
-            extract_fingerprint_dataset(dataset_id, DatasetFingerprintExtractor, num_processes=1,
-                                        check_dataset_integrity=False, clean=True, verbose=False,
-                                        show_progress_bar=False)
+        extract_fingerprint(dataset_id, fast_fingerprint)
         plan_experiment_dataset(dataset_id)
         preprocess_dataset(dataset_id, plans_identifier, tuple(configurations), [1] * len(configurations),
                            verbose=False, show_progress_bar=False)

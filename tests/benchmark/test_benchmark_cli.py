@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_TRAINERS_DIR, console_script
-from helpers_nnunet import extract_fast_fingerprint, make_tiny_dataset, set_nnunet_paths
+from helpers_nnunet import extract_fingerprint, make_tiny_dataset, set_nnunet_paths
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def first(tmp_path_factory):
             _add_test_split(dataset, test)
         mp.setenv("nnUNet_n_proc_DA", "1")  # planning needs a positive value in nnU-Net 2.8.1
         for dataset_id in (DATASET, UPPER):
-            extract_fast_fingerprint(dataset_id)  # plan_dataset reuses it
+            extract_fingerprint(dataset_id)  # plan_dataset reuses it
             plan_dataset(dataset_id, "CPUPlanner", ["3d_fullres"], num_processes=1, verify_dataset_integrity=False)
     out = benchmark(root, "-d", str(DATASET), "--trainers", "ExtSmokeTrainer", "BenchCrashTrainer",
                     "BenchClassifierTrainer", "--trainer-dirs", str(TEST_TRAINERS_DIR), str(FIXTURES),

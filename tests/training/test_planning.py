@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_nnunet import extract_fast_fingerprint, make_tiny_dataset, set_nnunet_paths
+from helpers_nnunet import extract_fingerprint, make_tiny_dataset, set_nnunet_paths
 
 from nnunet_ext.planning import plan_dataset
 
@@ -21,7 +21,7 @@ def test_target_spacing_sets_2d_and_3d_spacing_under_its_own_plans_name(tmp_path
     make_tiny_dataset(folders["nnUNet_raw"], dataset_id=991, name="Spacing", n_labelled=3, n_unlabeled=0,
                       shape=(20, 24, 28))
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
-    extract_fast_fingerprint(991)  # plan_dataset reuses it
+    extract_fingerprint(991)  # plan_dataset reuses it
     # isotropic, so nnU-Net's axis transposition cannot change the expected values
     identifier = plan_dataset(991, "CPUPlanner", num_processes=1, preprocess=False, verify_dataset_integrity=False,
                               overwrite_target_spacing=(2.0, 2.0, 2.0), overwrite_plans_name="nnUNetCPUPlans_2mm")
