@@ -38,12 +38,13 @@ from pathlib import Path
 
 from nnunet_ext.benchmark.budget import STOCK_TRAINER, Budget, write_benchmark_trainers
 from nnunet_ext.discovery import ENV_VAR, ext_trainer_path
+from nnunet_ext.errors import InputError
 
 RESULTS_FORMAT = 1
 LOG_TAIL_LINES = 40
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(InputError, RuntimeError):
     """A problem with the inputs of a benchmark, found before any run starts."""
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nnunet_ext.errors import InputError
+
 TABULAR_CSV = "tabular.csv"
 TABULAR_JSON = "tabular.json"
 UNKNOWN_INDEX = 0
@@ -36,7 +38,7 @@ _JSON_KEYS = {"classes", "id_column", "label_column", "image_groups", "fields", 
 _FIELD_KEYS = {"name", "type", "categories", "exclude", "text"}
 
 
-class TabularDataError(ValueError):
+class TabularDataError(InputError):
     """Bad tabular sidecar (missing rows, unknown labels, empty columns, ...), raised before training starts."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ext.conversion.splits import SPLIT_FILE_NAME, Split
+from nnunet_ext.errors import InputError
 
 # Part of a split -> (images folder, labels folder or None).
 PART_FOLDERS = {
@@ -31,7 +32,7 @@ PART_FOLDERS = {
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """Bad input for a converter: the message names the file or case and what was expected."""
 
 

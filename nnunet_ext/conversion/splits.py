@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ext.errors import InputError
+
 SPLIT_FILE_NAME = "split.json"
 SPLIT_FORMAT_VERSION = 1
 ALL = "all"
 
 
-class SplitError(ValueError):
+class SplitError(InputError):
     """An impossible or inconsistent split request."""
 
 

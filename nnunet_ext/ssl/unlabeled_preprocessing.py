@@ -29,13 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_ext.errors import InputError
+
 MANIFEST_FILE = "manifest.json"
 UNLABELED_SUFFIX = "__unlabeled"
 RAW_UNLABELED_DIR = "imagesUnlabeled"
 MANIFEST_FORMAT_VERSION = 1
 
 
-class UnlabeledDataError(ValueError):
+class UnlabeledDataError(InputError):
     """Invalid raw unlabeled images or an impossible preprocessing request (raised before any work is done)."""
 
 
