@@ -120,6 +120,9 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         "mixing", "cutmix_depth_span", "perturbation_probability", "sgd_momentum",
     )
 
+    #: whether stage iii's teacher pass also covers the labelled images (for ACTION++'s SAACL targets)
+    teacher_features_of_labelled: ClassVar[bool] = False
+
     stage_epochs: ClassVar[tuple[int, int, int]] = (100, 100, 800)
     ema_momentum: ClassVar[float] = 0.99
     tau_student: ClassVar[float] = 0.1
@@ -343,16 +346,38 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         return self.mixing if self.mixing is not None else ("cutmix" if self.spatial_dims == 2 else "classmix")
 
     @torch.no_grad()
-    def pseudo_labelled_view(self, unlabeled: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher pseudo-labels on the unlabeled batch, mixed jointly with the image; then the student perturbation.
+    def teacher_stage_iii_pass(self, labelled_images: torch.Tensor, unlabeled_images: torch.Tensor
+                               ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The teacher's one forward of a stage-iii step, in fp32.
 
-        Returns ``(student images [B_u, C, *S], pseudo-labels [B_u, *S] (-1 outside the image), confidence [B_u, *S])``.
+        Returns ``(logits on the unlabeled images [B_u, K, *S], decoder features of the labelled images or None)``.
+        Only where ``teacher_features_of_labelled`` is set (ACTION++'s SAACL targets) does the pass also run over the
+        labelled images, as one forward of the concatenated batch: the teacher is in eval mode and nnU-Net's
+        networks normalise per sample, so each row's output is the same as from two separate passes.
         """
         teacher = self.extra_modules["teacher"]
         teacher.eval()
+        with fp32_context(self.device):
+            if not self.teacher_features_of_labelled:
+                return teacher(unlabeled_images).float(), None
+            n_labelled = labelled_images.shape[0]
+            logits, _, features = forward_with_features(teacher, torch.cat([labelled_images, unlabeled_images]))
+        return logits[n_labelled:].float(), [f[:n_labelled] for f in features[: self.rep_feature_stages]]
+
+    @torch.no_grad()
+    def pseudo_labelled_view(self, unlabeled: dict, teacher_logits: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher pseudo-labels on the unlabeled batch, mixed jointly with the image; then the student perturbation.
+
+        Args:
+            unlabeled: the unlabeled batch (``data``, ``valid``).
+            teacher_logits: the teacher's fp32 logits on ``unlabeled['data']`` (:meth:`teacher_stage_iii_pass`).
+
+        Returns ``(student images [B_u, C, *S], pseudo-labels [B_u, *S] (-1 outside the image), confidence [B_u, *S])``.
+        """
         images, valid = unlabeled["data"], unlabeled["valid"].bool()[:, 0]
         with fp32_context(self.device):
-            probabilities = torch.softmax(teacher(images).float(), 1)
+            probabilities = torch.softmax(teacher_logits, 1)
         confidence, pseudo = probabilities.max(1)
         pseudo = torch.where(valid, pseudo, torch.full_like(pseudo, -1))
         confidence = torch.where(valid, confidence, torch.zeros_like(confidence))
@@ -377,7 +402,8 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
     def anatomical_contrast_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Stage iii: L_sup + lambda_u L_unsup + lambda_a L_anco (spec 11.9)."""
         unlabeled = self.next_unlabeled_batch()
-        student_unlabeled, pseudo, confidence = self.pseudo_labelled_view(unlabeled)
+        teacher_logits, teacher_labelled_features = self.teacher_stage_iii_pass(batch["data"], unlabeled["data"])
+        student_unlabeled, pseudo, confidence = self.pseudo_labelled_view(unlabeled, teacher_logits)
         n_labelled = batch["data"].shape[0]
         logits, _, features = forward_with_features(self.network, torch.cat([batch["data"], student_unlabeled]))
         l_sup = self.loss(_labelled_rows(logits, n_labelled), batch["target"])
@@ -399,7 +425,7 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         components = {"action_stage": torch.tensor(2.0), "action_l_sup": l_sup.detach(),
                       "action_l_unsup": l_unsup.detach(), "action_l_anco": l_anco.detach(),
                       "action_conf_frac": omega.mean().detach(), "action_tau": torch.tensor(tau)}
-        extra_loss, extra_components = self.stage_iii_extra_loss(batch, labelled_map, rep_features)
+        extra_loss, extra_components = self.stage_iii_extra_loss(labelled_map, rep_features, teacher_labelled_features)
         if extra_loss is not None:
             total = total + extra_loss
         components.update(extra_components)
@@ -422,9 +448,17 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
             queries = [torch.zeros(0, head[-1].out_features, device=self.device) for _ in samples]
         return prototypes, queries
 
-    def stage_iii_extra_loss(self, batch: dict, labelled_map: torch.Tensor, rep_features: list[torch.Tensor]
+    def stage_iii_extra_loss(self, labelled_map: torch.Tensor, rep_features: list[torch.Tensor],
+                             teacher_labelled_features: list[torch.Tensor] | None
                              ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Hook for ACTION++ (SAACL). Default: nothing."""
+        """Hook for ACTION++ (SAACL). Default: nothing.
+
+        Args:
+            labelled_map: full-resolution labels of the labelled rows ``[B_l, *S]`` (-1 = ignore).
+            rep_features: the student's decoder features of the whole batch (labelled rows first).
+            teacher_labelled_features: the teacher's decoder features of the labelled rows where
+                ``teacher_features_of_labelled`` is set, else None.
+        """
         return None, {}
 
     # ------------------------------------------------------------------ after the step
@@ -476,6 +510,9 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
         "saacl_pixels_per_class", "saacl_queue_size", "centroid_momentum",
     )
 
+    # SAACL's targets are teacher features of the labelled images: the stage-iii teacher pass covers them too
+    teacher_features_of_labelled: ClassVar[bool] = True
+
     ats_high: ClassVar[float] = 1.0
     ats_low_anco: ClassVar[float] = 0.1
     ats_period_fraction: ClassVar[float] = 1.0
@@ -509,7 +546,8 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
     def anco_temperature(self) -> float:
         return self._ats(self.ats_low_anco)
 
-    def stage_iii_extra_loss(self, batch: dict, labelled_map: torch.Tensor, rep_features: list[torch.Tensor]
+    def stage_iii_extra_loss(self, labelled_map: torch.Tensor, rep_features: list[torch.Tensor],
+                             teacher_labelled_features: list[torch.Tensor] | None
                              ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         heads = self.extra_modules
         index, labels = sample_pixels_per_class(labelled_map, self.saacl_pixels_per_class,
@@ -518,9 +556,7 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
         labelled_features = [f[:n_labelled] for f in rep_features]
         student = heads["rep_head"](gather_decoder_features(labelled_features, index, labelled_map.shape).float())
         with torch.no_grad():
-            heads["teacher"].eval()
-            _, _, teacher_features = forward_with_features(heads["teacher"], batch["data"])
-            teacher = heads["rep_head_ema"](gather_decoder_features(teacher_features[: self.rep_feature_stages], index,
+            teacher = heads["rep_head_ema"](gather_decoder_features(teacher_labelled_features, index,
                                                                     labelled_map.shape).float())
         allocator = heads["centres"]
         allocator.update(student, labels)

@@ -226,6 +226,38 @@ def test_every_action_key_has_one_entry_per_epoch(make_trainer):
     assert (trainer.extra_modules["saacl_labels"].get() >= 0).sum() > 0
 
 
+@pytest.mark.parametrize("cls, rows_per_pass", [(_SmallAction, [2]), (_SmallActionPP, [4])])
+def test_stage_iii_runs_the_teacher_once_per_step(make_trainer, cls, rows_per_pass):
+    """ACTION: one teacher pass over the unlabeled images; ACTION++: one pass over labelled + unlabeled (issue 15),
+    whose rows equal separate passes (the teacher normalises per sample)."""
+    trainer = make_trainer(cls)
+    trainer.current_epoch = 3
+    trainer.on_train_epoch_start()
+    assert trainer.action_stage == 2
+    teacher = trainer.extra_modules["teacher"]
+    rows: list[int] = []
+    handle = teacher.encoder.register_forward_hook(lambda _m, inputs, _o: rows.append(inputs[0].shape[0]))
+    try:
+        _step(trainer, 7)
+    finally:
+        handle.remove()
+    assert rows == rows_per_pass
+
+    batch, unlabeled = _batches(trainer, 8)
+    logits, labelled_features = trainer.teacher_stage_iii_pass(batch["data"], unlabeled["data"])
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(unlabeled["data"]), atol=1e-5)
+        if cls is _SmallActionPP:
+            from nnunet_ext.action.features import forward_with_features
+
+            _, _, separate = forward_with_features(teacher, batch["data"])
+            assert len(labelled_features) == len(separate[: trainer.rep_feature_stages])
+            for joint, alone in zip(labelled_features, separate):
+                assert torch.allclose(joint, alone, atol=1e-5)
+        else:
+            assert labelled_features is None
+
+
 def test_temperature_schedules_of_action_plus_plus(make_trainer):
     trainer = make_trainer(_SmallActionPP)
     trainer.num_iterations_per_epoch = 4
