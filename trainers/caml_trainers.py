@@ -15,3 +15,11 @@ class CAMLTrainer(CAMLTrainerBase):
 class CAMLTrainer_paperOptim(CAMLPaperOptimTrainerBase):
     """CAMLTrainer with the official Left Atrium recipe where nnU-Net allows it (constant-lr SGD, foreground Dice,
     no deep supervision, stepwise ramp); see ``nnunet_ext.caml.trainer.CAMLPaperOptimTrainerBase``."""
+
+
+class CAMLTrainer_plannedBatch(CAMLTrainerBase):
+    """CAMLTrainer whose labeled + unlabeled patches together make the planned batch (half each, as the official
+    2 + 2) instead of the planned labeled batch plus as many unlabeled patches: about half the training cost per
+    step, half the labeled patches per step."""
+
+    split_planned_batch = True

@@ -18,7 +18,7 @@ CAML_SETTING_NAMES = (
     "cma_stage", "cma_max_tokens", "cma_heads", "cma_ffn_mult", "cma_dropout", "cma_mode", "aux_upsampling",
     "feat_dim", "memory_per_class", "memory_cap", "num_filtered", "occ_temperature", "occ_normalize",
     "occ_log_form", "heads_before_filter", "sharpen_temperature", "detach_targets", "w_sup", "lambda_c", "lambda_o",
-    "rampup_fraction", "rampup_iterations", "rampup_quantum",
+    "rampup_fraction", "rampup_iterations", "rampup_quantum", "split_planned_batch",
 )
 
 #: ``CAMLTrainer``'s class-attribute values (a test keeps them equal); used to validate plans blocks without importing
@@ -29,13 +29,14 @@ CAML_DEFAULTS: dict[str, Any] = {
     "memory_cap": 4096, "num_filtered": 12800, "occ_temperature": 0.1, "occ_normalize": False, "occ_log_form": "eps",
     "heads_before_filter": False, "sharpen_temperature": 0.1, "detach_targets": False, "w_sup": 0.5,
     "lambda_c": 1.0, "lambda_o": 0.05, "rampup_fraction": 0.4, "rampup_iterations": None, "rampup_quantum": 1,
+    "split_planned_batch": False,
 }
 
 _POSITIVE_INTS = ("cma_max_tokens", "cma_heads", "cma_ffn_mult", "feat_dim", "memory_per_class", "memory_cap",
                   "num_filtered", "rampup_quantum")
 _POSITIVE_FLOATS = ("occ_temperature", "sharpen_temperature")
 _NON_NEGATIVE_FLOATS = ("w_sup", "lambda_c", "lambda_o", "rampup_fraction")
-_BOOLS = ("occ_normalize", "heads_before_filter", "detach_targets")
+_BOOLS = ("occ_normalize", "heads_before_filter", "detach_targets", "split_planned_batch")
 _CHOICES = {"cma_mode": CMA_MODES, "aux_upsampling": AUX_UPSAMPLING_MODES, "occ_log_form": OCC_LOG_FORMS}
 
 

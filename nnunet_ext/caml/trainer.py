@@ -63,6 +63,9 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
         rampup_fraction: ramp length as a fraction of all training steps (official 40 % with 4 labels).
         rampup_iterations: ramp length in steps; overrides the fraction (official 6000 / 3000 / 2250).
         rampup_quantum: ramp advances every this many steps (official 150; 1 = every step).
+        split_planned_batch: labeled + unlabeled patches together make the planned batch, as the official 2 + 2
+            (default False: the planned labeled batch plus as many unlabeled patches; see
+            ``ExtSemiSupervisedTrainerBase``).
     """
 
     method_family = "caml"

@@ -15,6 +15,15 @@ def finish_augmenter(augmenter) -> None:
         finish()
 
 
+def split_planned_batch_size(planned: int) -> tuple[int, int]:
+    """``(labeled, unlabeled)`` patches that together make a planned batch of ``planned``: ``ceil`` / ``floor`` of
+    half (a 5 gives 3 + 2)."""
+    if planned < 2:
+        raise ValueError(f"split_planned_batch needs a planned batch of at least 2 (one labeled and one unlabeled "
+                         f"patch), the plans give {planned} per process")
+    return planned - planned // 2, planned // 2
+
+
 class ExtSemiSupervisedTrainerBase(ExtTrainerBase):
     """Adds ``self.dataloader_unlabeled`` (patches of ``imagesUnlabeled``, nnU-Net's training augmentation, no
     labels) next to nnU-Net's labeled loaders. Subclasses call :meth:`next_unlabeled_batch` in ``compute_loss``.
@@ -26,13 +35,29 @@ class ExtSemiSupervisedTrainerBase(ExtTrainerBase):
         unlabeled_batch_size: patches per unlabeled batch; ``None`` uses the labeled batch size (1:1). Under DDP an
             explicit value is the **global** unlabeled batch, split over the ranks like nnU-Net splits the labeled
             batch (``None`` keeps 1:1 on every rank), so the global batch keeps the method's composition.
+        split_planned_batch: labeled + unlabeled patches together make the planned batch (labeled
+            ``ceil(B / 2)``, unlabeled ``floor(B / 2)`` per rank), as the official CAML code's 2 + 2, instead of a
+            planned labeled batch plus as many unlabeled patches. About half the network work per step; needs a
+            planned batch of at least 2 and excludes ``unlabeled_batch_size``.
     """
 
     unlabeled_batch_size: ClassVar[int | None] = None
+    split_planned_batch: ClassVar[bool] = False
+
+    def _set_batch_size_and_oversample(self) -> None:
+        super()._set_batch_size_and_oversample()  # nnU-Net's per-rank share of the planned batch
+        if self.split_planned_batch:
+            if self.unlabeled_batch_size is not None:
+                raise ValueError(f"{type(self).__name__}: split_planned_batch and unlabeled_batch_size="
+                                 f"{self.unlabeled_batch_size} exclude each other; set one of them")
+            self.batch_size, self._unlabeled_share = split_planned_batch_size(self.batch_size)
 
     def unlabeled_batch_size_per_rank(self) -> int:
         """Unlabeled patches this process draws per step (R6 of ``docs/ddp.md``); ``self.batch_size`` (nnU-Net's
-        per-rank labeled share) when ``unlabeled_batch_size`` is None."""
+        per-rank labeled share) when ``unlabeled_batch_size`` is None, the unlabeled share of the planned batch with
+        ``split_planned_batch``."""
+        if self.split_planned_batch:
+            return self._unlabeled_share
         if self.unlabeled_batch_size is None:
             return self.batch_size
         if world_size() == 1:

@@ -11,7 +11,7 @@ from helpers_nnunet import clone_root, make_tiny_dataset, set_nnunet_paths
 
 from nnunet_ext.caml.configure import derive_plans
 from nnunet_ext.caml.settings import CAML_DEFAULTS, caml_defaults
-from nnunet_ext_trainers.caml_trainers import CAMLTrainer, CAMLTrainer_paperOptim
+from nnunet_ext_trainers.caml_trainers import CAMLTrainer, CAMLTrainer_paperOptim, CAMLTrainer_plannedBatch
 
 DATASET = 996
 NAME = "CamlUnit"
@@ -211,6 +211,28 @@ def test_resume_restores_memory_auxiliary_model_and_ramp_exactly(make_trainer, t
 
 
 # ------------------------------------------------------------------ settings and refusals
+def test_planned_batch_variant_splits_the_planned_batch_between_labeled_and_unlabeled(make_trainer):
+    """CAMLTrainer_plannedBatch (issue 15): labeled + unlabeled patches per step = the planned batch."""
+
+    class _Planned(CAMLTrainer_plannedBatch, _SmallMemory):
+        pass
+
+    planned_batch = make_trainer(_SmallMemory).batch_size
+    trainer = make_trainer(_Planned)
+    assert (trainer.batch_size, trainer.unlabeled_batch_size_per_rank()) == (planned_batch - planned_batch // 2,
+                                                                              planned_batch // 2)
+    trainer.on_train_start()
+    try:
+        trainer.on_train_epoch_start()
+        batch = next(trainer.dataloader_train)
+        assert batch["data"].shape[0] == trainer.batch_size
+        assert trainer.next_unlabeled_batch()["data"].shape[0] == planned_batch // 2
+        output = trainer.train_step(batch)
+        assert math.isfinite(float(output["loss"]))
+    finally:
+        trainer.on_train_end()
+
+
 def test_defaults_documented_as_class_attributes_match_the_settings_table():
     assert caml_defaults(CAMLTrainer) == CAML_DEFAULTS
 
