@@ -8,9 +8,11 @@ cached between invocations, modification times ignored); settings by value:
 - training: the fold's entry of ``splits_final.json`` (not for fold ``all``), the dataset's ``split.json`` (if the
   converter wrote one), ``dataset.json``, the plans file, every ``imagesTr``/``labelsTr`` file (names and contents;
   ``imagesUnlabeled`` for semi-supervised trainers, ``tabular.csv`` for classification), and the trainer, seed,
-  epochs, iterations, validation iterations, configuration, plans, fold, device and final-validation setting;
-- prediction: every ``imagesTs`` file (and, for classification, ``tabular.csv`` and the folds used) and ``tta``;
-- evaluation: every ``labelsTs`` file.
+  epochs, iterations, validation iterations, configuration, plans, fold, device, final (segmentation) validation
+  and ``nnUNet_n_proc_DA``;
+- prediction: every ``imagesTs`` file and ``tta`` (for classification: ``tabular.csv``, the folds averaged and
+  what their models were trained from);
+- evaluation: every ``labelsTs`` file (classification metrics are recomputed on every invocation anyway).
 
 On a re-run the current inputs are compared with the record before any run starts:
 
@@ -18,8 +20,14 @@ On a re-run the current inputs are compared with the record before any run start
   changed inputs) and asks for ``--overwrite`` or a new ``--output``; a trained model is never deleted unasked;
 - a trained model without a record (made before records existed, or an interrupted run): unknown provenance,
   treated like changed inputs, since equality cannot be proven;
-- only prediction inputs changed (test images, ``tta``): prediction and evaluation are redone; only the test
-  labels changed: the evaluation is redone. Both only replace the benchmark's own files in the run folder.
+- only prediction inputs changed (test images): prediction and evaluation are redone (also those without
+  ``--missing-channels``); only the test labels changed: the evaluation is redone. Both only replace the
+  benchmark's own files in the run folder, and the log says why. (A changed ``--tta``, ``--device`` or
+  ``--final-validation`` is refused earlier by the run folder's settings check, as before.)
+
+``--overwrite`` deletes the requested runs (model and run folder, hence the record) first, so they are redone. A
+run is reused only with the settings it was trained with, so the report's settings are those of every run; each
+run's ``results.json`` record also carries them (``trained_with``, from the record).
 
 The record also keeps, for information only, the versions of nnunet-ext/nnU-Net/torch and the trainer's source
 file hash. They are not compared: the methods' logic lives in ``nnunet_ext`` modules, not in the trainer file, so
@@ -102,6 +110,14 @@ def training_data_inputs(raw: Path, preprocessed: Path, plans_file: Path, fold: 
     if str(fold) != "all":
         inputs[f"splits_final.json fold {fold}"] = fold_split_sha256(preprocessed, fold)
     return inputs
+
+
+def augmentation_workers(settings) -> str | None:
+    """``nnUNet_n_proc_DA`` of the training children (with 0, a seeded run is reproducible; other values change
+    the augmentation's random streams)."""
+    from nnunet_ext.benchmark.runner import training_environment
+
+    return training_environment(settings, {}).get("nnUNet_n_proc_DA")
 
 
 def trainer_source(trainer_class: type) -> dict[str, str | None]:
@@ -247,7 +263,7 @@ def attach_segmentation_inputs(runs: Iterable, settings, plans_files: Mapping[st
                         epochs=settings.budget.epochs, iterations=settings.budget.iterations,
                         val_iterations=settings.budget.val_iterations, configuration=settings.configuration,
                         plans=settings.plans, fold=settings.fold, device=settings.device,
-                        final_validation=settings.final_validation)
+                        final_validation=settings.final_validation, nnUNet_n_proc_DA=augmentation_workers(settings))
         run.inputs = {"training": training, "prediction": {"imagesTs": hashes["imagesTs"], "tta": settings.tta},
                       "evaluation": {"labelsTs": hashes["labelsTs"]}}
 
@@ -296,7 +312,8 @@ def classification_inputs(runs: Iterable, data, settings, budget) -> dict:
         training.update(trainer=run.trainer, budget_trainer=run.budget_trainer, seed=run.seed, fold=run.fold,
                         epochs=budget.epochs, iterations=budget.iterations, val_iterations=budget.val_iterations,
                         configuration=settings.configuration, plans=settings.plans, device=settings.device,
-                        segmentation_validation=settings.segmentation_validation)
+                        segmentation_validation=settings.segmentation_validation,
+                        nnUNet_n_proc_DA=augmentation_workers(settings))
         inputs[run] = {"training": training}
     return inputs
 

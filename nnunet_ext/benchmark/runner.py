@@ -13,12 +13,14 @@ output folder's own ``nnUNet_results``)::
     OUTPUT/budget_trainers/nnunet_ext_budget_trainers.py     generated budget/seed trainers
     OUTPUT/nnUNet_results/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
     OUTPUT/runs/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
-        run.json  train.log  train_stats.json  predict.log  predict_stats.json  predictions/  evaluation.json
+        run.json  provenance.json  train.log  train_stats.json  predict.log  predict_stats.json  predictions/
+        evaluation.json
     OUTPUT/logs/   OUTPUT/plots/   OUTPUT/results.json   OUTPUT/report.md
 
-Re-running skips every finished step (checkpoint_final, all predictions, evaluation); a failed run is retried
-and, if it fails again, reported with its log tail. ``--overwrite`` deletes the folders of the requested runs
-first; nothing is deleted without it.
+Re-running skips every finished step (checkpoint_final, all predictions, evaluation) whose recorded inputs are
+unchanged (:mod:`nnunet_ext.benchmark.provenance`: a stale trained model stops the benchmark, stale predictions or
+evaluations are redone); a failed run is retried and, if it fails again, reported with its log tail.
+``--overwrite`` deletes the folders of the requested runs first; nothing is deleted without it.
 """
 from __future__ import annotations
 

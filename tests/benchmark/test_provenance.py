@@ -156,6 +156,7 @@ def test_changed_training_inputs_are_refused_before_any_work(dataset, change, ch
 @pytest.mark.parametrize("kwargs, changed", [
     ({"budget": Budget(1, 2, 3)}, "val_iterations: 1 when trained, 3 now"),
     ({"final_validation": True}, "final_validation: false when trained, true now"),
+    ({"da_workers": 2}, 'nnUNet_n_proc_DA: "0" when trained, "2" now'),
 ])
 def test_changed_settings_are_refused(dataset, kwargs, changed):
     _benchmark(dataset)
