@@ -38,11 +38,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nnunet_ext.benchmark.budget import STOCK_TRAINER
-from nnunet_ext.benchmark.runner import BenchmarkError
+from nnunet_ext.benchmark.budget import STOCK_TRAINER, Budget
+from nnunet_ext.benchmark.runner import BenchmarkError, BenchmarkSettings, Run
+
+if TYPE_CHECKING:  # classification imports this module
+    from nnunet_ext.benchmark.classification import (
+        ClassificationBenchmarkSettings,
+        ClassificationDataset,
+        ClassificationRun,
+    )
 
 RECORD_FILE = "provenance.json"
 RECORD_FORMAT = 1
@@ -112,7 +120,7 @@ def training_data_inputs(raw: Path, preprocessed: Path, plans_file: Path, fold: 
     return inputs
 
 
-def augmentation_workers(settings) -> str | None:
+def augmentation_workers(settings: BenchmarkSettings | ClassificationBenchmarkSettings) -> str | None:
     """``nnUNet_n_proc_DA`` of the training children (with 0, a seeded run is reproducible; other values change
     the augmentation's random streams)."""
     from nnunet_ext.benchmark.runner import training_environment
@@ -214,14 +222,14 @@ def stale_steps(folder: Path, trained: bool, inputs: Mapping[str, Mapping], mode
 
 
 def discard_stale_outputs(folder: Path, stale: Mapping[str, list[str]], outputs: Mapping[str, Iterable[str]],
-                          progress, name: str) -> None:
+                          progress: Callable[[str], None], name: str) -> None:
     """Delete the benchmark's own outputs (``outputs[step]``: glob patterns inside ``folder``) of the stale steps
     so that they are redone, and say why in the log."""
     import shutil
 
     for step, reasons in stale.items():
         paths = [p for pattern in outputs.get(step, ()) for p in sorted(folder.glob(pattern))]
-        if reasons and (paths or step in outputs):
+        if reasons and step in outputs:
             progress(f"{name}: {step} is redone: {'; '.join(reasons)}")
         for path in paths:
             if path.is_dir():
@@ -235,7 +243,8 @@ SEGMENTATION_OUTPUTS = {"prediction": ("predictions", "predict_stats.json", "pre
                         "evaluation": ("evaluation.json", "evaluation_without_*.json")}
 
 
-def attach_segmentation_inputs(runs: Iterable, settings, plans_files: Mapping[str, Path]) -> None:
+def attach_segmentation_inputs(runs: Iterable[Run], settings: BenchmarkSettings,
+                               plans_files: Mapping[str, Path]) -> None:
     """Set ``run.inputs`` (``{"training", "prediction", "evaluation"}``, see the module docstring) of every run of
     ``nnunet-ext benchmark``; each dataset is hashed once per invocation."""
     from nnunet_ext.benchmark.trainer_info import trainer_traits
@@ -268,20 +277,21 @@ def attach_segmentation_inputs(runs: Iterable, settings, plans_files: Mapping[st
                       "evaluation": {"labelsTs": hashes["labelsTs"]}}
 
 
-def check_segmentation_run(run, settings) -> dict[str, list[str]]:
+def check_segmentation_run(run: Run, settings: BenchmarkSettings) -> dict[str, list[str]]:
     """:func:`stale_steps` of a ``benchmark`` run (raises when its trained model is stale or unknown)."""
     fold_dir = run.fold_dir(settings)
     return stale_steps(run.run_dir(settings), (fold_dir / "checkpoint_final.pth").is_file(), run.inputs,
                        fold_dir / "checkpoint_final.pth")
 
 
-def prepare_segmentation_run(run, settings, progress, name: str) -> None:
+def prepare_segmentation_run(run: Run, settings: BenchmarkSettings, progress: Callable[[str], None],
+                             name: str) -> None:
     """Before a ``benchmark`` run executes: delete the outputs of its steps whose inputs changed."""
     discard_stale_outputs(run.run_dir(settings), check_segmentation_run(run, settings), SEGMENTATION_OUTPUTS,
                           progress, name)
 
 
-def record_segmentation_step(run, settings, step: str, trained_now: bool = False) -> None:
+def record_segmentation_step(run: Run, settings: BenchmarkSettings, step: str, trained_now: bool = False) -> None:
     """Record a finished step of a ``benchmark`` run. After a training (``trained_now``) the fold's split is hashed
     again (nnU-Net writes ``splits_final.json`` at the first training of a numeric fold) and the versions and the
     trainer's source are noted."""
@@ -299,7 +309,8 @@ def record_segmentation_step(run, settings, step: str, trained_now: bool = False
 
 
 # ------------------------------------------------------------------------------------------ nnunet-ext benchmark-cls
-def classification_inputs(runs: Iterable, data, settings, budget) -> dict:
+def classification_inputs(runs: Sequence[ClassificationRun], data: ClassificationDataset,
+                          settings: ClassificationBenchmarkSettings, budget: Budget) -> dict:
     """``{run: {"training": ...}}`` for the fold runs of ``nnunet-ext benchmark-cls`` (a fold's validation is
     re-evaluated on every invocation, so it needs no record); the data is hashed once per fold."""
     per_fold: dict[int, dict] = {}
@@ -323,7 +334,8 @@ def check_classification_run(run_dir: Path, fold_dir: Path, inputs: Mapping[str,
     stale_steps(run_dir, (fold_dir / "checkpoint_final.pth").is_file(), inputs, fold_dir / "checkpoint_final.pth")
 
 
-def classification_test_inputs(data, folds: Iterable[int], fold_records: Iterable[Mapping]) -> dict[str, dict]:
+def classification_test_inputs(data: ClassificationDataset, folds: Iterable[int],
+                               fold_records: Iterable[Mapping]) -> dict[str, dict]:
     """``{"prediction": ...}`` of the test split of one (trainer, seed): test images, ``tabular.csv`` (features and
     labels), the folds averaged and what each fold's model was trained from."""
     ending = json.loads((data.raw / "dataset.json").read_text()).get("file_ending", ".nii.gz") \
