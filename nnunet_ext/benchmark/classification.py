@@ -369,11 +369,19 @@ def evaluate_validation(fold_dir: Path, data: ClassificationDataset, fold: int) 
 
 
 def execute_run(run: ClassificationRun, data: ClassificationDataset, settings: ClassificationBenchmarkSettings,
-                budget: Budget, train_env: dict, progress: Progress) -> dict:
-    """Train (or reuse) one fold and evaluate its validation cases; returns its ``results.json`` record."""
+                budget: Budget, train_env: dict, progress: Progress, inputs: dict | None = None) -> dict:
+    """Train (or reuse) one fold and evaluate its validation cases; returns its ``results.json`` record.
+
+    ``inputs``: what the training depends on (:func:`nnunet_ext.benchmark.provenance.classification_inputs`);
+    a trained model made from other inputs is refused, and a new training is recorded."""
+    from nnunet_ext.benchmark import provenance
+    from nnunet_ext.benchmark.runner import _versions
+
     run_dir, fold_dir = run.run_dir(data.name, settings), run.fold_dir(data.name, settings)
     name = f"{run.trainer} seed {run.seed} fold {run.fold}"
     check_run_folder_reusable(run_dir, _settings_key(settings))
+    if inputs is not None:
+        provenance.check_classification_run(run_dir, fold_dir, inputs)
     run_dir.mkdir(parents=True, exist_ok=True)
     has_final = (fold_dir / "checkpoint_final.pth").is_file()
     validation_only = has_final and not (fold_dir / VALIDATION_CSV).is_file()
@@ -385,7 +393,7 @@ def execute_run(run: ClassificationRun, data: ClassificationDataset, settings: C
         "log_file": None, "log_tail": None, "reused_steps": [], "settings_key": _settings_key(settings),
         "commands": {"train": command, "train_measured": shlex.join(measured)},
         "paths": {"run": str(run_dir), "model": str(fold_dir), "validation_csv": str(fold_dir / VALIDATION_CSV)},
-        "training": None, "validation": None,
+        "training": None, "validation": None, "trained_with": None if inputs is None else inputs["training"],
     }
 
     def finish(rec: dict) -> dict:
@@ -401,6 +409,8 @@ def execute_run(run: ClassificationRun, data: ClassificationDataset, settings: C
         progress(f"{name}: {'validation of the finished training' if validation_only else 'training'}: {command}")
         log = run_dir / "train.log"
         code = _run_logged(measured, train_env, log, progress, settings)
+        if not validation_only and inputs is not None and (fold_dir / "checkpoint_final.pth").is_file():
+            provenance.record_step(run_dir, "training", inputs, {"versions": _versions()})
         if code != 0 or not (fold_dir / "checkpoint_final.pth").is_file():
             return finish(_fail(record, "training", f"nnUNetv2_train exited with code {code}", log))
         if validation_only:
@@ -448,7 +458,9 @@ def pooled_validation(records: Sequence[Mapping], data: ClassificationDataset, f
 def execute_test(trainer: str, budget_trainer: str, seed: int, records: Sequence[Mapping],
                  data: ClassificationDataset, settings: ClassificationBenchmarkSettings, env: dict,
                  progress: Progress) -> dict:
-    """``predict-cls`` on ``imagesTs`` (softmax averaged over the finished folds) and its evaluation."""
+    """``predict-cls`` on ``imagesTs`` (softmax averaged over the finished folds) and its evaluation; earlier
+    predictions are reused only when their recorded inputs (test images, ``tabular.csv``, models) are unchanged."""
+    from nnunet_ext.benchmark.provenance import classification_test_inputs, record_step, stale_steps
     from nnunet_ext.cfcml.metrics import evaluate_predictions_csv
 
     folds = sorted(r["fold"] for r in records if r["status"] == "ok")
@@ -468,7 +480,9 @@ def execute_test(trainer: str, budget_trainer: str, seed: int, records: Sequence
         return record
     folder.mkdir(parents=True, exist_ok=True)
     previous = _read_json(folder / "test.json")
-    if predictions.is_file() and previous and previous.get("folds") == folds:
+    inputs = classification_test_inputs(data, folds, [r for r in records if r["status"] == "ok"])
+    if predictions.is_file() and previous and previous.get("folds") == folds and \
+            not stale_steps(folder, False, inputs, predictions, protected=None):
         record["reused"] = True
     else:
         if predictions.exists():
@@ -480,6 +494,7 @@ def execute_test(trainer: str, budget_trainer: str, seed: int, records: Sequence
         record["wall_seconds"] = time.perf_counter() - start
         if code != 0 or not predictions.is_file():
             return _fail(record, "prediction", f"nnunet-ext predict-cls exited with code {code}", log)
+        record_step(folder, "prediction", inputs)
     try:
         record["metrics"] = evaluate_predictions_csv(predictions, data.tabular_csv, data.id_column,
                                                      data.label_column)
@@ -704,8 +719,12 @@ def run_classification_benchmark(settings: ClassificationBenchmarkSettings) -> d
                 f"{names[(trainer, seed)]}__{settings.plans}__{settings.configuration}" / "test"
             if test_dir.exists():
                 shutil.rmtree(test_dir)
-    for run in runs:
+    from nnunet_ext.benchmark.provenance import check_classification_run, classification_inputs
+
+    inputs = classification_inputs(runs, data, settings, budget)
+    for run in runs:  # before the first run starts
         check_run_folder_reusable(run.run_dir(data.name, settings), _settings_key(settings))
+        check_classification_run(run.run_dir(data.name, settings), run.fold_dir(data.name, settings), inputs[run])
     env = child_environment(settings)
     train_env = training_environment(settings, env)
     results: dict[str, Any] = {
@@ -729,7 +748,7 @@ def run_classification_benchmark(settings: ClassificationBenchmarkSettings) -> d
     }
     for i, run in enumerate(runs, 1):
         progress(f"run {i}/{len(runs)}: {run.trainer} seed {run.seed} fold {run.fold}")
-        results["runs"].append(execute_run(run, data, settings, budget, train_env, progress))
+        results["runs"].append(execute_run(run, data, settings, budget, train_env, progress, inputs[run]))
         write_outputs(results, settings.output)
     for trainer in settings.trainers:
         for seed in settings.seeds:

@@ -13,12 +13,14 @@ output folder's own ``nnUNet_results``)::
     OUTPUT/budget_trainers/nnunet_ext_budget_trainers.py     generated budget/seed trainers
     OUTPUT/nnUNet_results/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
     OUTPUT/runs/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
-        run.json  train.log  train_stats.json  predict.log  predict_stats.json  predictions/  evaluation.json
+        run.json  provenance.json  train.log  train_stats.json  predict.log  predict_stats.json  predictions/
+        evaluation.json
     OUTPUT/logs/   OUTPUT/plots/   OUTPUT/results.json   OUTPUT/report.md
 
-Re-running skips every finished step (checkpoint_final, all predictions, evaluation); a failed run is retried
-and, if it fails again, reported with its log tail. ``--overwrite`` deletes the folders of the requested runs
-first; nothing is deleted without it.
+Re-running skips every finished step (checkpoint_final, all predictions, evaluation) whose recorded inputs are
+unchanged (:mod:`nnunet_ext.benchmark.provenance`: a stale trained model stops the benchmark, stale predictions or
+evaluations are redone); a failed run is retried and, if it fails again, reported with its log tail.
+``--overwrite`` deletes the folders of the requested runs first; nothing is deleted without it.
 """
 from __future__ import annotations
 
@@ -338,6 +340,7 @@ class Run:
     dataset: DatasetInfo
     seed: int
     handles_missing_modalities: bool = False
+    inputs: dict | None = None  # what each step depends on (nnunet_ext.benchmark.provenance)
 
     def key(self, settings: BenchmarkSettings) -> str:
         return f"{self.dataset.name}/{self.budget_trainer}__{settings.plans}__{settings.configuration}/" \
@@ -444,8 +447,20 @@ def check_run_folder_reusable(run_dir: Path, settings_key: dict) -> None:
 
 
 def check_reusable(run: Run, settings: BenchmarkSettings) -> None:
-    """Refuse to continue a run folder that was made with other settings (device, TTA, final validation)."""
+    """Refuse to continue a run folder that was made with other settings (device, TTA, final validation) or whose
+    trained model was made from other inputs (:mod:`nnunet_ext.benchmark.provenance`)."""
     check_run_folder_reusable(run.run_dir(settings), _settings_key(settings))
+    if run.inputs is not None:
+        from nnunet_ext.benchmark.provenance import check_segmentation_run
+
+        check_segmentation_run(run, settings)
+
+
+def _record_step(run: Run, settings: BenchmarkSettings, step: str, trained_now: bool = False) -> None:
+    if run.inputs is not None:
+        from nnunet_ext.benchmark.provenance import record_segmentation_step
+
+        record_segmentation_step(run, settings, step, trained_now)
 
 
 def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: dict, train_env: dict,
@@ -457,6 +472,10 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
     name = f"{run.label} [{run.dataset.name}] seed {run.seed}"
     check_reusable(run, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if run.inputs is not None:
+        from nnunet_ext.benchmark.provenance import prepare_segmentation_run
+
+        prepare_segmentation_run(run, settings, progress, name)
     commands = _commands(run, settings, plans_file)
     record = {
         "key": run.key(settings), "role": run.role, "label": run.label, "trainer": run.trainer,
@@ -486,8 +505,11 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
         progress(f"{name}: training: {commands['train']}")
         log = run_dir / "train.log"
         code = _run_logged(commands["train_measured"], train_env, log, progress, settings)
+        if (fold_dir / "checkpoint_final.pth").is_file():  # recorded even when a later part (final validation) failed
+            _record_step(run, settings, "training", trained_now=True)
         if code != 0 or not (fold_dir / "checkpoint_final.pth").is_file():
             return finish(_fail(record, "training", f"nnUNetv2_train exited with code {code}", log))
+    record["trained_with"] = None if run.inputs is None else run.inputs["training"]
     record["training"] = training_record(fold_dir, run_dir, settings.budget.iterations)
     progress(f"{name}: {record['training']['seconds_per_iteration'] or math.nan:.3f} s/iteration, peak memory "
              f"{record['training']['peak_rss_mb'] or math.nan:.0f} MB")
@@ -502,6 +524,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
         code = _run_logged(commands["predict_measured"], train_env, log, progress, settings)
         if code != 0 or not _predictions_complete(run, settings):
             return finish(_fail(record, "prediction", f"nnUNetv2_predict exited with code {code}", log))
+    _record_step(run, settings, "prediction")
     stats = _read_json(run_dir / "predict_stats.json") or {}
     seconds, network = stats.get("predict_from_files_seconds"), stats.get("network_seconds")
     n_images = len(run.dataset.image_cases)
@@ -525,6 +548,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
         except Exception as e:  # reported like a crashed step, not hidden
             (run_dir / "evaluation.log").write_text(traceback.format_exc())
             return finish(_fail(record, "evaluation", f"{type(e).__name__}: {e}", run_dir / "evaluation.log"))
+    _record_step(run, settings, "evaluation")
     progress(f"{name}: mean Dice {record['evaluation']['foreground_mean']['Dice']:.4f}, inference "
              f"{record['inference']['seconds_per_case'] or math.nan:.2f} s/case")
     if settings.missing_channels and run.role != "upper_bound":
@@ -692,6 +716,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
                             budget_trainer_name(STOCK_TRAINER, settings.budget.epochs, settings.budget.iterations,
                                                 seed), upper, seed))
     _prepare_output(settings, runs, progress)
+    from nnunet_ext.benchmark.provenance import attach_segmentation_inputs
+
+    attach_segmentation_inputs(runs, settings, plans_files)
     for run in runs:  # before the first run starts
         check_reusable(run, settings)
     train_env = training_environment(settings, env)
