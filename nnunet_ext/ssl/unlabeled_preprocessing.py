@@ -471,7 +471,7 @@ def preprocess_unlabeled(dataset: str | int, configurations: Sequence[str] = ("3
 
     # every case to (re)do is checked (complete files, geometry) and fingerprinted before anything is written
     todo_cases = sorted({c for *_, kept, _, _ in work for c in cases if c not in kept})
-    problems = find_source_problems({c: cases[c] for c in todo_cases})
+    problems = find_source_problems({c: cases[c] for c in todo_cases}, plans_manager.plans.get("image_reader_writer"))
     if problems:
         raise UnlabeledDataError(f"Invalid unlabeled images in {os.path.join(raw_folder, RAW_UNLABELED_DIR)}:\n  - "
                                  + "\n  - ".join(problems))

@@ -63,8 +63,13 @@ def unchanged_record(record: Sequence[dict] | None, files: Sequence[str]) -> lis
     return current
 
 
-def _geometry_problem(case: str, files: Sequence[str]) -> str | None:
-    """Header-only check of one case's channel files; None when fine or when SimpleITK does not read the ending."""
+def _geometry_problem(case: str, files: Sequence[str], simpleitk_reads: bool) -> str | None:
+    """Header-only check of one case's channel files; None when fine or when SimpleITK does not read the ending.
+
+    ``simpleitk_reads``: the plans read images with SimpleITK, so a header it cannot read is a problem; with
+    another reader (nibabel accepts e.g. non-orthonormal directions that SimpleITK refuses) such a case is left
+    to that reader.
+    """
     import SimpleITK as sitk
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
@@ -77,6 +82,8 @@ def _geometry_problem(case: str, files: Sequence[str]) -> str | None:
         try:
             reader.ReadImageInformation()
         except RuntimeError as e:
+            if not simpleitk_reads:
+                return None
             return f"case '{case}': cannot read {os.path.basename(path)} ({str(e).strip().splitlines()[-1]})"
         headers.append((os.path.basename(path), reader.GetDimension(), reader.GetNumberOfComponents(),
                         tuple(reader.GetSize()), tuple(reader.GetSpacing())))
@@ -94,8 +101,12 @@ def _geometry_problem(case: str, files: Sequence[str]) -> str | None:
     return None
 
 
-def find_source_problems(cases: Mapping[str, Sequence[str]]) -> list[str]:
+def find_source_problems(cases: Mapping[str, Sequence[str]], image_reader_writer: str | None = None) -> list[str]:
     """Every problem of the given cases' files (incomplete ``.gz``, 4D/multi-component images, channel grids).
+
+    Args:
+        cases: case -> channel files.
+        image_reader_writer: the plans' ``image_reader_writer`` (e.g. ``SimpleITKIO``); None = SimpleITK.
 
     Returns:
         One line per problem, naming the case and file (empty when all is fine).
@@ -108,7 +119,7 @@ def find_source_problems(cases: Mapping[str, Sequence[str]]) -> list[str]:
         except InputError as e:
             problems.append(f"case '{case}': {e}")
             continue
-        problem = _geometry_problem(case, files)
+        problem = _geometry_problem(case, files, image_reader_writer in (None, "SimpleITKIO"))
         if problem:
             problems.append(problem)
     return problems
