@@ -316,8 +316,13 @@ def collect_unlabeled_cases(folder: str, file_ending: str, num_channels: int,
                         f"training (remove these files from {RAW_UNLABELED_DIR}, or rename them if they are other "
                         f"images)")
     if problems:
-        raise UnlabeledDataError(f"Invalid unlabeled images in {folder}:\n  - " + "\n  - ".join(problems))
+        raise UnlabeledDataError(_problems_message(folder, problems))
     return {case: [per_channel[c] for c in range(num_channels)] for case, per_channel in sorted(channels.items())}
+
+
+def _problems_message(folder: str, problems: Sequence[str]) -> str:
+    """Every problem in one line (the CLI prints errors as ``nnunet-ext <command>: error: <message>``)."""
+    return f"Invalid unlabeled images in {folder}: " + "; ".join(problems)
 
 
 def _read_manifest(folder: str) -> dict | None:
@@ -473,8 +478,7 @@ def preprocess_unlabeled(dataset: str | int, configurations: Sequence[str] = ("3
     todo_cases = sorted({c for *_, kept, _, _ in work for c in cases if c not in kept})
     problems = find_source_problems({c: cases[c] for c in todo_cases}, plans_manager.plans.get("image_reader_writer"))
     if problems:
-        raise UnlabeledDataError(f"Invalid unlabeled images in {os.path.join(raw_folder, RAW_UNLABELED_DIR)}:\n  - "
-                                 + "\n  - ".join(problems))
+        raise UnlabeledDataError(_problems_message(os.path.join(raw_folder, RAW_UNLABELED_DIR), problems))
     new_records = {c: source_record(cases[c]) for c in todo_cases}
 
     outputs = []

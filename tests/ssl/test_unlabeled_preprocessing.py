@@ -359,3 +359,16 @@ def test_manifest_configuration_and_plans_checks(root: Path) -> None:
     signature = preprocessing_signature(plans_manager, plans_manager.get_configuration("3d_fullres"))
     load_unlabeled_manifest(out, "nnUNetPlans", "3d_fullres_bs4", "nnUNetPlans_3d_fullres",
                             expected_preprocessing=signature)
+
+
+def test_cli_reports_bad_unlabeled_images_in_one_line_with_exit_2(root: Path, capsys: pytest.CaptureFixture) -> None:
+    from nnunet_ext.cli import main
+
+    raw = root / "nnUNet_raw" / DATASET
+    _collide_test(raw)
+    _truncate("imagesUnlabeled/unl_000_0001.nii.gz")(raw)
+    assert main(["preprocess-unlabeled", "-d", str(DATASET_ID)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nnunet-ext preprocess-unlabeled: error: Invalid unlabeled images in ")
+    assert err.count("\n") == 1 and "imagesTs" in err  # the collision is found before the files are read
+    assert not any(p.name.endswith("__unlabeled") for p in (root / "nnUNet_preprocessed" / DATASET).iterdir())
