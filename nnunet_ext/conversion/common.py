@@ -74,6 +74,29 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 
+def folders_using_dataset_id(dataset_id: int, raw_root: str | Path, exclude: str = "") -> list[Path]:
+    """``DatasetNNN_*`` folders with this ID in ``raw_root``, ``$nnUNet_preprocessed`` and ``$nnUNet_results``.
+
+    Uses nnU-Net's own rule (``find_candidate_datasets``: sub-folders starting with ``Dataset%03d``); a folder
+    named ``exclude`` (the dataset being written, e.g. re-converted with --overwrite) does not count.
+    """
+    # read at call time, like nnU-Net's lazy paths: callers (and tests) may set the variables late
+    roots = [Path(raw_root)] + [Path(os.environ[v]) for v in ("nnUNet_preprocessed", "nnUNet_results")
+                                if os.environ.get(v)]
+    prefix = f"Dataset{int(dataset_id):03d}"
+    return [folder for root in roots if root.is_dir() for folder in sorted(root.iterdir())
+            if folder.is_dir() and folder.name.startswith(prefix) and folder.name != exclude]
+
+
+def require_source_folder(source: str | Path, what: str = "source folder") -> Path:
+    """``source`` as a Path; :class:`ConversionError` "folder not found" when it is not an existing folder."""
+    source = Path(source)
+    if not source.is_dir():
+        problem = "is a file, not a folder" if source.exists() else "not found"
+        raise ConversionError(f"{what} {source}: {problem}")
+    return source
+
+
 def _is_within(path: Path, other: Path) -> bool:
     try:
         path.resolve().relative_to(other.resolve())
@@ -94,9 +117,10 @@ class DatasetWriter:
         file_ending: nnU-Net ``file_ending`` of every written image and label (``.nii.gz``, ``.png``).
 
     Raises:
-        FileExistsError: the dataset folder exists and ``overwrite`` is False, or another folder already uses
-            the dataset ID (nnU-Net could not tell them apart).
-        ConversionError: the output overlaps an input.
+        FileExistsError: the dataset folder exists and ``overwrite`` is False.
+        ConversionError: the output overlaps an input, or another ``DatasetNNN_*`` folder in ``raw_root``,
+            ``$nnUNet_preprocessed`` or ``$nnUNet_results`` already uses the dataset ID (nnU-Net could not tell
+            them apart).
     """
 
     def __init__(self, raw_root: str | Path, dataset_id: int, name: str, *, sources: Iterable[str | Path] = (),
@@ -113,12 +137,11 @@ class DatasetWriter:
                                       f"somewhere else (inputs are never modified)")
         if self.target.exists() and not overwrite:
             raise FileExistsError(f"{self.target} exists; pass --overwrite (overwrite=True) to replace it")
-        if self.raw_root.is_dir():
-            same_id = [p.name for p in self.raw_root.iterdir()
-                       if p.is_dir() and p.name.startswith(self.folder_name[:10] + "_") and p.name != self.folder_name]
-            if same_id:
-                raise FileExistsError(f"dataset ID {int(dataset_id)} is already used by {same_id[0]} in "
-                                      f"{self.raw_root}; nnU-Net needs unique IDs: choose another -d")
+        same_id = folders_using_dataset_id(int(dataset_id), self.raw_root, exclude=self.folder_name)
+        if same_id:
+            raise ConversionError(f"dataset ID {int(dataset_id)} is already used by {same_id[0]}; nnU-Net finds "
+                                  f"datasets by ID in nnUNet_raw, nnUNet_preprocessed and nnUNet_results, so every "
+                                  f"nnU-Net command would fail on two names: choose another -d")
         self.staging = self.raw_root / f".{self.folder_name}.partial"
         self._written: dict[str, int] = {}
 

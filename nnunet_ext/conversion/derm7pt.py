@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nnunet_ext.conversion.common import ConversionError, resolve_raw_root, warn
+from nnunet_ext.conversion.common import ConversionError, require_source_folder, resolve_raw_root, warn
 from nnunet_ext.conversion.natural_images import ImageCase, convert_image_classification
 
 # Diagnosis groups of Kawahara et al. 2018 (the 5-class task of the derm7pt package), in class-index order.
@@ -62,7 +62,7 @@ def convert_derm7pt(source: str | Path, dataset_id: int, name: str = "Derm7pt", 
     ``tabular.csv``; splits are stratified by class when random (``ignore_lists`` or no index files)."""
     import pandas as pd
 
-    source = Path(source)
+    source = require_source_folder(source, "Derm7pt folder")
     if image_column not in IMAGE_COLUMNS:
         raise ConversionError(f"image_column must be one of {IMAGE_COLUMNS}, got {image_column!r}")
     if diagnosis not in DIAGNOSIS_MODES:

@@ -13,6 +13,7 @@ from nnunet_ext.conversion.common import (
     VOLUME_ENDINGS,
     ConversionError,
     file_ending,
+    require_source_folder,
     resolve_raw_root,
     strip_ending,
     warn,
@@ -66,7 +67,7 @@ def convert_folders(source: str | Path, dataset_id: int, name: str, output: str 
     Returns:
         The dataset folder.
     """
-    source = Path(source)
+    source = require_source_folder(source)
     _check_policy(missing_label, MISSING_LABEL_POLICIES, "missing_label")
     _check_policy(orphan_labels, ORPHAN_LABEL_POLICIES, "orphan_labels")
     images = _volume_files(source / images_dir)
@@ -122,7 +123,7 @@ def convert_per_case(source: str | Path, dataset_id: int, name: str, modalities:
 
     Every case must have every modality on the same grid (size and spacing) as its label.
     """
-    source = Path(source)
+    source = require_source_folder(source)
     _check_policy(missing_label, MISSING_LABEL_POLICIES, "missing_label")
     modalities = [str(m) for m in modalities]
     if not modalities:
@@ -131,8 +132,6 @@ def convert_per_case(source: str | Path, dataset_id: int, name: str, modalities:
         raise ConversionError(f"{len(channel_names)} channel names for {len(modalities)} modalities")
     if label in modalities:
         raise ConversionError(f"the label file {label!r} is also listed as a modality")
-    if not source.is_dir():
-        raise ConversionError(f"{source} is not a folder")
     folders = [p for p in sorted(source.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     if not folders:
         raise ConversionError(f"{source} has no case folders")

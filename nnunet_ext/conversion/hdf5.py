@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.conversion.common import ConversionError, resolve_raw_root, warn
+from nnunet_ext.conversion.common import ConversionError, require_source_folder, resolve_raw_root, warn
 from nnunet_ext.conversion.splits import read_list_file
 from nnunet_ext.conversion.volumes import VolumeCase, convert_volume_cases
 
@@ -140,7 +140,7 @@ def convert_h5(source: str | Path, dataset_id: int, name: str, spacing: Sequence
             (``--labels background=0 left_atrium=1``).
         split_file: a previous ``split.json`` (takes precedence over list files).
     """
-    source = Path(source)
+    source = require_source_folder(source)
     if axis_order not in AXIS_ORDERS:
         raise ConversionError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
     spacing = _check_spacing(spacing)
@@ -184,7 +184,7 @@ def convert_acdc_h5(source: str | Path, dataset_id: int, name: str, spacing: Seq
     ``ignore_lists``. The 2D ``data/slices`` are ignored: nnU-Net makes its own 2D configuration from volumes.
     SSL4MIS dropped the spacing (ACDC is about 1.5 x 1.5 mm in plane, 5-10 mm between slices), so give one.
     """
-    source = Path(source)
+    source = require_source_folder(source)
     data = source / "data"
     if not data.is_dir():
         raise ConversionError(f"{source}: expected the SSL4MIS ACDC layout with a data/ folder of <case>.h5 volumes")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nnunet_ext.conversion.common import ConversionError, resolve_raw_root, warn
+from nnunet_ext.conversion.common import ConversionError, require_source_folder, resolve_raw_root, warn
 from nnunet_ext.conversion.natural_images import ImageCase, convert_image_classification
 
 DIAGNOSIS_COLUMNS = {"Common Nevus": "common_nevus", "Atypical Nevus": "atypical_nevus", "Melanoma": "melanoma"}
@@ -108,7 +108,7 @@ def convert_ph2(source: str | Path, dataset_id: int, name: str = "PH2", output: 
         include_leaky: also write ``histological_diagnosis`` (it names the diagnosis).
         labeled, test, seed, split_file: split, stratified by diagnosis (PH2 has no official split).
     """
-    source = Path(source)
+    source = require_source_folder(source, "PH2 folder")
     if table is None:
         table = source / "PH2_dataset2.xlsx"
         if not table.is_file():

@@ -3,7 +3,8 @@
 Images that are files already in the output format are copied byte for byte (no re-encoding, intensities and
 header untouched); other images are re-written through SimpleITK. Labels are always read, checked and re-written
 as unsigned integers with the label file's own geometry. Every case is checked before it is written: the same
-grid (size and spacing) for all channels and for the label, single-component images, label values.
+grid (size and spacing) for all channels and for the label, single-component images, label values, and
+compressed files (``.gz``) complete to their checksum.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import SimpleITK as sitk
 
 from nnunet_ext.conversion.common import ConversionError, DatasetWriter, LabelConverter, file_ending
 from nnunet_ext.conversion.splits import Split
+from nnunet_ext.io_checks import verify_gzip_complete
 
 # (images [one per channel], label or None) built in memory, e.g. from an HDF5 file.
 VolumeLoader = Callable[[bool], tuple[list[sitk.Image], "sitk.Image | None"]]
@@ -86,6 +88,9 @@ def write_volume_case(case: VolumeCase, part: str, writer: DatasetWriter, labels
         raise ConversionError(f"case {case.case_id}: {count} image channels, expected {num_channels}")
 
     if images is None:
+        # SimpleITK reads a truncated .gz as zeros after the header: check the whole stream first
+        for path in [*case.image_files, *([case.label_file] if needs_label else [])]:
+            verify_gzip_complete(path, ConversionError)
         headers = [_header(p) for p in case.image_files]
         grids = [(tuple(h.GetSize()), tuple(h.GetSpacing())) for h in headers]
         components = [h.GetNumberOfComponents() for h in headers]

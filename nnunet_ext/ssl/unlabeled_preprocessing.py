@@ -7,8 +7,10 @@ fingerprint statistics, resample) and is written into a folder of its own,
 
 - ``<case>.b2nd``: the data ``[C, *spatial]`` float32, blosc2, chunked for the configuration's patch size;
 - ``<case>.pkl``: the preprocessing properties with ``class_locations = {}``;
-- ``manifest.json``: which plans/configuration/data identifier produced the folder, the case list and a
-  signature of the preprocessing settings (to detect stale data after re-planning).
+- ``manifest.json``: which plans/configuration/data identifier produced the folder, the case list, a
+  signature of the preprocessing settings (to detect stale data after re-planning), a fingerprint of each case's
+  source files (to redo changed cases) and whether the run completed. It is written before any case file
+  changes and lists only cases made with its signature, so an interrupted run never claims cases of other plans.
 
 A separate folder is required: ``nnUNetDatasetBlosc2.get_identifiers`` lists every ``.b2nd`` of the labelled
 folder, so unlabeled cases there would enter the cross-validation split and crash on the missing ``_seg`` file.
@@ -22,7 +24,7 @@ import multiprocessing
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -30,11 +32,13 @@ from typing import Any
 import numpy as np
 
 from nnunet_ext.errors import InputError
+from nnunet_ext.ssl.unlabeled_sources import find_source_problems, source_record, unchanged_record
 
 MANIFEST_FILE = "manifest.json"
 UNLABELED_SUFFIX = "__unlabeled"
 RAW_UNLABELED_DIR = "imagesUnlabeled"
-MANIFEST_FORMAT_VERSION = 1
+# 2: per-case source fingerprints ("sources") and "complete"; the manifest exists while a run is in progress
+MANIFEST_FORMAT_VERSION = 2
 
 
 class UnlabeledDataError(InputError):
@@ -151,6 +155,10 @@ def load_unlabeled_manifest(folder: str, expected_plans_name: str, expected_conf
     except json.JSONDecodeError as e:
         raise RuntimeError(f"{manifest_file} is not valid JSON ({e}) {context}. Run `{command} --overwrite`.") from e
 
+    if manifest.get("complete") is False:  # format 1 manifests have no key and were written only when complete
+        raise RuntimeError(f"The unlabeled folder {folder} is incomplete: its preprocessing was interrupted or "
+                           f"failed ({len(manifest.get('cases', []))} case(s) done) {context}. Run `{command}` to "
+                           f"finish it.")
     found = (f"(folder: plans '{manifest.get('plans_name')}', configuration(s) "
              f"{manifest.get('configurations', [manifest.get('configuration')])}, "
              f"data identifier '{manifest.get('data_identifier')}')")
@@ -235,18 +243,23 @@ def _env_folder(var: str) -> str:
     return value
 
 
+def _identifiers_in(folder: str, file_ending: str) -> set[str]:
+    """Case identifiers of an nnU-Net images folder (``<case>_<XXXX><file_ending>``); empty if it is missing."""
+    if not os.path.isdir(folder):
+        return set()
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+    return {str(i) for i in get_identifiers_from_splitted_dataset_folder(folder, file_ending)}
+
+
 def _labelled_identifiers(raw_dataset_folder: str, dataset_json: dict) -> set[str]:
     if "dataset" in dataset_json:  # explicit file lists instead of imagesTr
         return set(dataset_json["dataset"].keys())
-    images_tr = os.path.join(raw_dataset_folder, "imagesTr")
-    if not os.path.isdir(images_tr):
-        return set()
-    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
-    return {str(i) for i in get_identifiers_from_splitted_dataset_folder(images_tr, dataset_json["file_ending"])}
+    return _identifiers_in(os.path.join(raw_dataset_folder, "imagesTr"), dataset_json["file_ending"])
 
 
 def collect_unlabeled_cases(folder: str, file_ending: str, num_channels: int,
-                            labelled_identifiers: set[str] | None = None) -> dict[str, list[str]]:
+                            labelled_identifiers: set[str] | None = None,
+                            test_identifiers: set[str] | None = None) -> dict[str, list[str]]:
     """Group ``imagesUnlabeled`` files per case and validate them; every problem is reported at once.
 
     Equivalent to ``nnunetv2.utilities.utils.create_lists_from_splitted_dataset_folder`` (same
@@ -258,6 +271,8 @@ def collect_unlabeled_cases(folder: str, file_ending: str, num_channels: int,
         file_ending: ``dataset.json`` ``file_ending``, e.g. ``.nii.gz``.
         num_channels: ``len(channel_names)``.
         labelled_identifiers: identifiers of ``imagesTr``; unlabeled identifiers must differ.
+        test_identifiers: identifiers of ``imagesTs``; an unlabeled image with a test case's identifier is refused
+            (test images must not enter training).
 
     Returns:
         ``{case: [file paths sorted by channel]}`` sorted by case.
@@ -295,35 +310,69 @@ def collect_unlabeled_cases(folder: str, file_ending: str, num_channels: int,
         if labelled_identifiers and case in labelled_identifiers:
             problems.append(f"case '{case}': identifier also exists in imagesTr; unlabeled identifiers must differ "
                             f"from labelled ones (rename the unlabeled files)")
+    leaked = sorted(set(channels) & set(test_identifiers or ()))
+    if leaked:
+        problems.append(f"case(s) {leaked}: identifier(s) also in imagesTs; test images must not be used for "
+                        f"training (remove these files from {RAW_UNLABELED_DIR}, or rename them if they are other "
+                        f"images)")
     if problems:
-        raise UnlabeledDataError(f"Invalid unlabeled images in {folder}:\n  - " + "\n  - ".join(problems))
+        raise UnlabeledDataError(_problems_message(folder, problems))
     return {case: [per_channel[c] for c in range(num_channels)] for case, per_channel in sorted(channels.items())}
+
+
+def _problems_message(folder: str, problems: Sequence[str]) -> str:
+    """Every problem in one line (the CLI prints errors as ``nnunet-ext <command>: error: <message>``)."""
+    return f"Invalid unlabeled images in {folder}: " + "; ".join(problems)
 
 
 def _read_manifest(folder: str) -> dict | None:
     try:
         with open(os.path.join(folder, MANIFEST_FILE), encoding="utf-8") as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
-def _run_jobs(jobs: list[tuple], num_processes: int) -> None:
+def _write_manifest(folder: str, manifest: dict) -> None:
+    """Replace the manifest atomically: a crash leaves the old or the new one, never half a file."""
+    temporary = os.path.join(folder, MANIFEST_FILE + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(temporary, os.path.join(folder, MANIFEST_FILE))
+
+
+def _remove_case_files(folder: str, case: str) -> None:
+    for ext in (".b2nd", ".pkl"):
+        if os.path.isfile(os.path.join(folder, case + ext)):
+            os.remove(os.path.join(folder, case + ext))
+
+
+def _preprocess_job(job: tuple) -> str:
+    return _preprocess_case(*job)
+
+
+def _run_jobs(jobs: list[tuple], num_processes: int, on_done: Callable[[str], None]) -> None:
+    """Run ``_preprocess_case`` jobs; ``on_done(case)`` is called in this process as each case finishes."""
     if num_processes <= 1 or len(jobs) <= 1:
         for job in jobs:
-            _preprocess_case(*job)
+            on_done(_preprocess_case(*job))
         return
     # spawn like nnU-Net's own preprocessing (no forked torch/OpenMP state); poll the workers because a worker
     # killed by the OS (out of memory) would otherwise leave the pool waiting forever
     with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
         workers = list(pool._pool)
-        result = pool.starmap_async(_preprocess_case, jobs)
-        while not result.ready():
-            if not all(w.is_alive() for w in workers):
-                raise RuntimeError("A preprocessing worker died (out of memory?). Retry with fewer processes "
-                                   "(-np); finished cases are kept.")
-            result.wait(0.1)
-        result.get()  # re-raises a worker's exception
+        results = pool.imap_unordered(_preprocess_job, jobs)
+        while True:
+            try:
+                on_done(results.next(timeout=0.1))  # re-raises a worker's exception
+            except StopIteration:
+                return
+            except multiprocessing.TimeoutError:
+                if not all(w.is_alive() for w in workers):
+                    raise RuntimeError("A preprocessing worker died (out of memory?). Retry with fewer processes "
+                                       "(-np); finished cases are kept.") from None
+
 
 
 def preprocess_unlabeled(dataset: str | int, configurations: Sequence[str] = ("3d_fullres",),
@@ -331,18 +380,20 @@ def preprocess_unlabeled(dataset: str | int, configurations: Sequence[str] = ("3
                          verbose: bool = False) -> list[str]:
     """Preprocess ``nnUNet_raw/<Dataset>/imagesUnlabeled`` for the given configurations of existing plans.
 
-    All inputs are validated before anything is written. Per configuration the configuration's own
-    preprocessor runs ``run_case(files, None, ...)`` per case (identical to labelled cases, minus labels).
-    Configurations sharing a data identifier share one folder. Cases already present are skipped unless
-    ``overwrite``; a folder whose manifest records other preprocessing settings (the dataset was re-planned) is
-    refused unless ``overwrite``.
+    All inputs are validated before anything is written: file names and channels, identifiers that collide with
+    ``imagesTr`` or ``imagesTs``, and for every case to (re)do complete ``.gz`` files and one 2D/3D image per
+    channel on one grid. Per configuration the configuration's own preprocessor runs ``run_case(files, None,
+    ...)`` per case (identical to labelled cases, minus labels). Configurations sharing a data identifier share
+    one folder. A case recorded in the manifest with unchanged source files is skipped unless ``overwrite``;
+    changed cases are redone and cases whose images were removed are dropped (with a warning). A folder whose
+    manifest records other preprocessing settings (the dataset was re-planned) is refused unless ``overwrite``.
 
     Args:
         dataset: dataset ID or ``DatasetXXX_Name``.
         configurations: plans configurations, e.g. ``("3d_fullres", "2d")``.
         plans_identifier: plans file name without ``.json``.
         num_processes: worker processes (1 = in this process).
-        overwrite: re-preprocess existing cases (and delete files of cases no longer in ``imagesUnlabeled``).
+        overwrite: re-preprocess every case, also after a re-plan.
         verbose: print one line per configuration.
 
     Returns:
@@ -388,14 +439,17 @@ def preprocess_unlabeled(dataset: str | int, configurations: Sequence[str] = ("3
         raise UnlabeledDataError(f"Configuration(s) {unknown or list(configurations)} not found in {plans_file}; "
                                  f"available: {plans_manager.available_configurations}.")
     channel_names = dataset_json.get("channel_names", dataset_json.get("modality", {}))
-    cases = collect_unlabeled_cases(os.path.join(raw_folder, RAW_UNLABELED_DIR), dataset_json["file_ending"],
-                                    len(channel_names), _labelled_identifiers(raw_folder, dataset_json))
+    file_ending = dataset_json["file_ending"]
+    cases = collect_unlabeled_cases(os.path.join(raw_folder, RAW_UNLABELED_DIR), file_ending, len(channel_names),
+                                    _labelled_identifiers(raw_folder, dataset_json),
+                                    _identifiers_in(os.path.join(raw_folder, "imagesTs"), file_ending))
 
     # one folder per data identifier (e.g. 3d_cascade_fullres reuses 3d_fullres's data)
     groups: dict[str, list[str]] = {}
     for name in dict.fromkeys(configurations):
         groups.setdefault(plans_manager.get_configuration(name).data_identifier, []).append(name)
-    plans_of_group = {}
+    command = preprocess_command(dataset, " ".join(dict.fromkeys(configurations)), plans_identifier)
+    work = []
     for data_identifier, names in groups.items():
         configuration_manager = plans_manager.get_configuration(names[0])
         out = unlabeled_folder(preprocessed_folder, data_identifier)
@@ -405,29 +459,38 @@ def preprocess_unlabeled(dataset: str | int, configurations: Sequence[str] = ("3
             raise UnlabeledDataError(
                 f"{out} holds unlabeled data preprocessed with other settings than {plans_file} (plans "
                 f"'{old.get('plans_name')}', configuration(s) {old.get('configurations')}); the dataset was "
-                f"probably re-planned. Rerun with overwrite (--overwrite) to replace it.")
-        plans_of_group[data_identifier] = (configuration_manager, out, signature, old)
+                f"probably re-planned. Replace it with `{command} --overwrite`.")
+        # only cases recorded with these settings and unchanged source files are kept; a folder without a
+        # (readable) manifest, e.g. left by an older version, is redone completely
+        recorded = (old or {}).get("sources", {}) if not overwrite else {}
+        kept = {}
+        for case, files in cases.items():
+            record = unchanged_record(recorded.get(case), files)
+            if record is not None and all(os.path.isfile(os.path.join(out, case + ext)) for ext in (".b2nd", ".pkl")):
+                kept[case] = record
+        changed = sorted(c for c in recorded if c in cases and c not in kept)
+        present = {f.rsplit(".", 1)[0] for f in os.listdir(out) if f.endswith((".b2nd", ".pkl"))} \
+            if os.path.isdir(out) else set()
+        removed = sorted(present - set(cases))
+        work.append((names, configuration_manager, out, signature, old, kept, changed, removed))
+
+    # every case to (re)do is checked (complete files, geometry) and fingerprinted before anything is written
+    todo_cases = sorted({c for *_, kept, _, _ in work for c in cases if c not in kept})
+    problems = find_source_problems({c: cases[c] for c in todo_cases}, plans_manager.plans.get("image_reader_writer"))
+    if problems:
+        raise UnlabeledDataError(_problems_message(os.path.join(raw_folder, RAW_UNLABELED_DIR), problems))
+    new_records = {c: source_record(cases[c]) for c in todo_cases}
 
     outputs = []
-    for data_identifier, names in groups.items():
-        configuration_manager, out, signature, old = plans_of_group[data_identifier]
+    for names, configuration_manager, out, signature, old, kept, changed, removed in work:
+        data_identifier = configuration_manager.data_identifier
         os.makedirs(out, exist_ok=True)
-        # the manifest is rewritten at the end; removing it first marks the folder incomplete while we work
-        if os.path.isfile(os.path.join(out, MANIFEST_FILE)):
-            os.remove(os.path.join(out, MANIFEST_FILE))
-        todo = [c for c in cases if overwrite or not (os.path.isfile(os.path.join(out, c + ".b2nd"))
-                                                      and os.path.isfile(os.path.join(out, c + ".pkl")))]
-        stale = sorted({f.rsplit(".", 1)[0] for f in os.listdir(out) if f.endswith((".b2nd", ".pkl"))} - set(cases))
-        if stale and overwrite:
-            for case in stale:
-                for ext in (".b2nd", ".pkl"):
-                    if os.path.isfile(os.path.join(out, case + ext)):
-                        os.remove(os.path.join(out, case + ext))
-        elif stale:
-            warnings.warn(f"{out} holds case(s) {stale} that are no longer in {RAW_UNLABELED_DIR}; they are left "
-                          f"out of the manifest (use overwrite to delete them).", stacklevel=2)
-        _run_jobs([(c, cases[c], os.path.join(out, c), plans_manager, configuration_manager, dataset_json)
-                   for c in todo], num_processes)
+        if removed:
+            warnings.warn(f"{out}: dropping case(s) {removed}: their images are no longer in {RAW_UNLABELED_DIR}.",
+                          stacklevel=2)
+        if changed and verbose:
+            print(f"{data_identifier}: source images of case(s) {changed} changed; preprocessing them again")
+        todo = [c for c in cases if c not in kept]
         previous = old.get("configurations", []) if old and old.get("preprocessing") == signature else []
         manifest = {
             "format_version": MANIFEST_FORMAT_VERSION,
@@ -439,16 +502,32 @@ def preprocess_unlabeled(dataset: str | int, configurations: Sequence[str] = ("3
             "data_identifier": data_identifier,
             "nnunetv2_version": _package_version("nnunetv2"),
             "nnunet_ext_version": _package_version("nnunet-ext"),
-            "cases": sorted(cases),
+            "complete": False,
+            "cases": sorted(kept),
+            "sources": dict(sorted(kept.items())),
             # timezone.utc, not datetime.UTC: the package supports Python 3.10
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
             "preprocessing": signature,
         }
-        with open(os.path.join(out, MANIFEST_FILE), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
+        # written before any case file changes: from now on the folder claims only cases made with `signature`
+        # (kept ones, then each finished one), so an interrupted run never mixes in cases of other plans
+        _write_manifest(out, manifest)
+        for case in [*removed, *todo]:
+            _remove_case_files(out, case)
+        done = dict(kept)
+
+        def record_done(case: str) -> None:
+            done[case] = new_records[case]
+
+        try:
+            _run_jobs([(c, cases[c], os.path.join(out, c), plans_manager, configuration_manager, dataset_json)
+                       for c in todo], num_processes, record_done)
+        finally:
+            manifest.update(cases=sorted(done), sources=dict(sorted(done.items())), complete=len(done) == len(cases))
+            _write_manifest(out, manifest)
         if verbose:
             print(f"{data_identifier} ({', '.join(names)}): {len(todo)} case(s) preprocessed, "
-                  f"{len(cases) - len(todo)} already present -> {out}")
+                  f"{len(kept)} already present -> {out}")
         outputs.append(out)
     return outputs
 

@@ -107,7 +107,7 @@ def test_writer_refuses_overwrite_and_keeps_old_data_on_failure(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # staging folder moved away
     with pytest.raises(FileExistsError, match="--overwrite"):
         DatasetWriter(tmp_path, 7, "T")
-    with pytest.raises(FileExistsError, match="already used by Dataset007_T"):
+    with pytest.raises(ConversionError, match=f"already used by {tmp_path / 'Dataset007_T'}"):
         DatasetWriter(tmp_path, 7, "Other")
     # A failed overwrite leaves the old dataset untouched and no staging folder behind.
     with pytest.raises(RuntimeError, match="boom"):
@@ -125,3 +125,33 @@ def test_writer_refuses_output_inside_input(tmp_path):
         DatasetWriter(source, 3, "X", sources=[source])
     with pytest.raises(ConversionError, match="overlaps the input"):
         DatasetWriter(tmp_path, 3, "X", sources=[tmp_path / "Dataset003_X" / "inner"])
+
+
+@pytest.mark.parametrize("variable", ["nnUNet_preprocessed", "nnUNet_results"])
+def test_writer_refuses_a_dataset_id_used_in_preprocessed_or_results(tmp_path, monkeypatch, variable):
+    raw, other = tmp_path / "raw", tmp_path / variable
+    (other / "Dataset043_Foo").mkdir(parents=True)
+    monkeypatch.setenv(variable, str(other))
+    with pytest.raises(ConversionError, match=f"already used by {other / 'Dataset043_Foo'}"):
+        DatasetWriter(raw, 43, "Bar")
+    assert not raw.exists()  # refused before anything was created
+    DatasetWriter(raw, 43, "Foo")  # the same dataset (e.g. re-converted after planning) is no conflict
+    DatasetWriter(raw, 44, "Bar")
+
+
+@pytest.mark.parametrize("layout, extra", [
+    ("ph2", []),
+    ("derm7pt", []),
+    ("folders", ["-n", "X"]),
+    ("per-case", ["-n", "X", "--modalities", "T1", "--label", "seg"]),
+    ("h5", ["-n", "X", "--spacing", "1", "1", "1"]),
+    ("acdc-h5", ["--spacing", "1", "1", "1"]),
+])
+def test_missing_source_folder_is_reported_as_such(tmp_path, capsys, layout, extra):
+    from nnunet_ext.cli import main
+
+    missing = tmp_path / "nonexistent"
+    assert main(["convert", layout, str(missing), "-d", "5", "-o", str(tmp_path / "raw"), *extra]) == 2
+    output = capsys.readouterr()
+    assert f"{missing}: not found" in output.out + output.err
+    assert not (tmp_path / "raw").exists()

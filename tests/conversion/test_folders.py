@@ -191,3 +191,27 @@ def test_per_case_bad_inputs(brats_source, tmp_path):
     with pytest.raises(ConversionError, match=r"case b: no file for modality 'M2'"):
         convert_per_case(source, 5, "B", ["M1", "M2"], "seg", tmp_path / "raw")
     assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # the header and some voxels survive: SimpleITK reads zeros
+
+
+def _break_checksum(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-8] + bytes(8))  # complete deflate stream, wrong CRC-32/length trailer
+
+
+@pytest.mark.parametrize("damage", [_truncate, _break_checksum])
+@pytest.mark.parametrize("relative", ["images/c3.nii.gz", "labels/c3.nii.gz"])
+def test_incomplete_gzip_files_are_rejected(tmp_path, relative, damage):
+    source = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for i in range(5):  # random voxels: the compressed image is far larger than 2,500 bytes
+        _write(rng.random((12, 16, 20), dtype=np.float32), source / "images" / f"c{i}.nii.gz")
+        _write((rng.random((12, 16, 20)) > 0.5).astype(np.uint8), source / "labels" / f"c{i}.nii.gz")
+    damage(source / relative)
+    with pytest.raises(ConversionError, match=rf"{source / relative}: .*(ends early|checksum|CRC)"):
+        convert_folders(source, 6, "Gz", tmp_path / "raw", test="1")
+    assert list((tmp_path / "raw").iterdir()) == []  # the staging folder is gone

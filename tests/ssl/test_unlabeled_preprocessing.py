@@ -134,6 +134,29 @@ def _collide(raw: Path) -> None:
         shutil.copy(raw / "imagesTr" / f"tr_001_{c:04d}.nii.gz", raw / "imagesUnlabeled" / f"tr_001_{c:04d}.nii.gz")
 
 
+def _collide_test(raw: Path) -> None:
+    (raw / "imagesTs").mkdir()
+    for case in ("unl_001", "unl_002"):
+        for c in range(2):
+            shutil.copy(raw / "imagesUnlabeled" / f"{case}_{c:04d}.nii.gz", raw / "imagesTs" / f"{case}_{c:04d}.nii.gz")
+
+
+def _truncate(rel: str) -> Callable[[Path], None]:
+    def truncate(raw: Path) -> None:
+        (raw / rel).write_bytes((raw / rel).read_bytes()[:2500])  # SimpleITK would read zeros after the header
+    return truncate
+
+
+def _image(rel: str, shape: tuple[int, ...], spacing: float = 1.0) -> Callable[[Path], None]:
+    def write(raw: Path) -> None:
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ones(shape, np.float32), isVector=False)  # 4 axes: a 4D image
+        image.SetSpacing([spacing] * len(shape))
+        sitk.WriteImage(image, str(raw / rel))
+    return write
+
+
 BAD_RAW = [
     # (id, mutation of the raw dataset folder, substrings the message must contain)
     ("missing_folder", lambda raw: shutil.rmtree(raw / "imagesUnlabeled"), ["imagesUnlabeled", "does not exist"]),
@@ -149,6 +172,15 @@ BAD_RAW = [
      ["unl_009_000.nii.gz:", "4-digit"]),
     ("sub_folder", lambda raw: os.mkdir(raw / "imagesUnlabeled" / "more"), ["more:", "not a file"]),
     ("collision_with_imagesTr", _collide, ["case 'tr_001'", "imagesTr"]),
+    ("collision_with_imagesTs", _collide_test, ["['unl_001', 'unl_002']", "imagesTs", "test images"]),
+    ("truncated_gz", _truncate("imagesUnlabeled/unl_001_0000.nii.gz"),
+     ["case 'unl_001'", "unl_001_0000.nii.gz: the gzip stream ends early"]),
+    ("4d_file", _image("imagesUnlabeled/unl_001_0001.nii.gz", (2, 20, 24, 28)),
+     ["case 'unl_001'", "unl_001_0001.nii.gz is a 4D image"]),
+    ("channel_sizes_differ", _image("imagesUnlabeled/unl_002_0001.nii.gz", (20, 24, 27)),
+     ["case 'unl_002'", "differ in size", "'unl_002_0000.nii.gz': (28, 24, 20)", "(27, 24, 20)"]),
+    ("channel_spacings_differ", _image("imagesUnlabeled/unl_002_0001.nii.gz", (20, 24, 28), spacing=2.0),
+     ["case 'unl_002'", "differ in spacing"]),
 ]
 
 
@@ -199,15 +231,74 @@ def test_parallel_equals_serial(root: Path) -> None:
         np.testing.assert_array_equal(_load(out, case), serial[case])
 
 
-def test_stale_cases_are_left_out_and_removed_on_overwrite(root: Path) -> None:
+def test_cases_whose_images_were_removed_are_dropped(root: Path) -> None:
     (out,) = map(Path, preprocess_unlabeled(DATASET_ID))
     for c in range(2):
         os.remove(root / "nnUNet_raw" / DATASET / "imagesUnlabeled" / f"unl_002_{c:04d}.nii.gz")
-    with pytest.warns(UserWarning, match="unl_002"):
+    with pytest.warns(UserWarning, match=r"dropping case\(s\) \['unl_002'\]"):
         preprocess_unlabeled(DATASET_ID)
-    assert "unl_002" not in json.loads((out / MANIFEST_FILE).read_text())["cases"]
-    preprocess_unlabeled(DATASET_ID, overwrite=True)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert "unl_002" not in manifest["cases"] and "unl_002" not in manifest["sources"]
     assert not list(out.glob("unl_002*"))
+
+
+def test_changed_source_is_redone_and_touched_source_is_not(root: Path) -> None:
+    (out,) = map(Path, preprocess_unlabeled(DATASET_ID))
+    old = 1_000_000_000
+    for f in out.glob("unl_*"):
+        os.utime(f, ns=(old, old))
+    raw = root / "nnUNet_raw" / DATASET / "imagesUnlabeled"
+    shutil.copy(raw / "unl_002_0000.nii.gz", raw / "unl_000_0000.nii.gz")  # other content
+    os.utime(raw / "unl_001_0001.nii.gz", ns=(2_000_000_000, 2_000_000_000))  # same content, new time
+    preprocess_unlabeled(DATASET_ID)
+    assert {f.name for f in out.glob("unl_*") if f.stat().st_mtime_ns != old} == {"unl_000.b2nd", "unl_000.pkl"}
+    np.testing.assert_array_equal(_load(out, "unl_000")[0], _load(out, "unl_002")[0])
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["complete"] is True and manifest["cases"] == UNLABELED
+    assert manifest["sources"]["unl_001"][1]["mtime_ns"] == 2_000_000_000
+
+
+def test_failed_run_then_replan_never_mixes_plans(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nnunet_ext.ssl.unlabeled_preprocessing as module
+
+    pre = root / "nnUNet_preprocessed" / DATASET
+    out = pre / "nnUNetPlans_3d_fullres__unlabeled"
+    real, finished = module._preprocess_case, []
+
+    def fail_on_the_third_case(case, *args):
+        if len(finished) == 2:
+            raise RuntimeError("boom")
+        finished.append(real(case, *args))
+        return finished[-1]
+
+    monkeypatch.setattr(module, "_preprocess_case", fail_on_the_third_case)
+    with pytest.raises(RuntimeError, match="boom"):
+        preprocess_unlabeled(DATASET_ID)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["complete"] is False and manifest["cases"] == sorted(finished)
+    with pytest.raises(RuntimeError, match=f"incomplete: its preprocessing was interrupted.*{HINT}"):
+        load_unlabeled_manifest(str(out), "nnUNetPlans", "3d_fullres", "nnUNetPlans_3d_fullres")
+
+    monkeypatch.setattr(module, "_preprocess_case", real)
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["configurations"]["3d_fullres"]["spacing"] = [2.0, 2.0, 2.0]  # re-planned with another spacing
+    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    with pytest.raises(UnlabeledDataError, match=f"`{HINT} --overwrite`"):
+        preprocess_unlabeled(DATASET_ID)
+    assert json.loads((out / MANIFEST_FILE).read_text()) == manifest  # refused before any change
+
+    preprocess_unlabeled(DATASET_ID, overwrite=True)
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["complete"] is True and manifest["cases"] == UNLABELED
+    assert manifest["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+    for case in UNLABELED:  # every case, also the ones finished before the re-plan, has the new spacing
+        properties = load_pickle(str(out / f"{case}.pkl"))
+        expected = compute_new_shape(properties["shape_after_cropping_and_before_resampling"],
+                                     properties["spacing"], [2.0, 2.0, 2.0])
+        assert _load(out, case).shape[1:] == tuple(expected)
 
 
 def test_replanned_dataset_requires_overwrite(root: Path) -> None:
@@ -268,3 +359,16 @@ def test_manifest_configuration_and_plans_checks(root: Path) -> None:
     signature = preprocessing_signature(plans_manager, plans_manager.get_configuration("3d_fullres"))
     load_unlabeled_manifest(out, "nnUNetPlans", "3d_fullres_bs4", "nnUNetPlans_3d_fullres",
                             expected_preprocessing=signature)
+
+
+def test_cli_reports_bad_unlabeled_images_in_one_line_with_exit_2(root: Path, capsys: pytest.CaptureFixture) -> None:
+    from nnunet_ext.cli import main
+
+    raw = root / "nnUNet_raw" / DATASET
+    _collide_test(raw)
+    _truncate("imagesUnlabeled/unl_000_0001.nii.gz")(raw)
+    assert main(["preprocess-unlabeled", "-d", str(DATASET_ID)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nnunet-ext preprocess-unlabeled: error: Invalid unlabeled images in ")
+    assert err.count("\n") == 1 and "imagesTs" in err  # the collision is found before the files are read
+    assert not any(p.name.endswith("__unlabeled") for p in (root / "nnUNet_preprocessed" / DATASET).iterdir())
