@@ -101,6 +101,10 @@ def test_tabular_json_groups_and_exclusions(cfcml_root):
     (lambda rows: [dict(r, label="benign") if r["label"] else r for r in rows], "at least two classes"),
     (lambda rows: [dict(r, label="") if r["case_id"] == "tr_004" else r for r in rows],
      r"training case\(s\) \['tr_004'\] have no label"),
+    (lambda rows: [dict(r, score="forty") if r["case_id"] == "tr_002" else r for r in rows],
+     r"column 'score' mixes numbers and text: case 'tr_002' has 'forty'"),
+    (lambda rows: [dict(r, noise="1e308") if r["case_id"] == "ts_001" else r for r in rows],
+     r"column 'noise' \(numeric\), case 'ts_001': value '1e308' is not a finite number"),
 ])
 def test_bad_input_is_a_clear_error_before_training(cfcml_root, change, message):
     raw, pre = paths(cfcml_root)
