@@ -68,7 +68,8 @@ class TabularBatch:
         return int(self.categorical.shape[0])
 
 
-def _is_missing(value: str | None) -> bool:
+def is_missing(value: str | None) -> bool:
+    """An absent cell, an empty one or one of :data:`MISSING_MARKERS` (case-insensitive)."""
     return value is None or value.strip() == "" or value.strip().lower() in MISSING_MARKERS
 
 
@@ -239,7 +240,7 @@ def _column_type(name: str, rows: Sequence[Mapping[str, str]], id_column: str, w
     Raises:
         TabularDataError: the column mixes numbers and text, naming the first text cell's case and value.
     """
-    cells = [(row[id_column], row[name]) for row in rows if not _is_missing(row[name])]
+    cells = [(row[id_column], row[name]) for row in rows if not is_missing(row[name])]
     numbers = [(case, v) for case, v in cells if _parse_number(v) is not None]
     texts = [(case, v) for case, v in cells if _parse_number(v) is None]
     if not texts:
@@ -288,7 +289,7 @@ def infer_schema(header: Sequence[str], rows: Sequence[Mapping[str, str]], train
         if len(set(classes)) != len(classes):
             raise TabularDataError(f"tabular.json: duplicate classes in {overrides['classes']}")
     else:
-        values = {_label_key(r[label_column]) for r in train_rows if not _is_missing(r[label_column])}
+        values = {_label_key(r[label_column]) for r in train_rows if not is_missing(r[label_column])}
         numbers = {v: _parse_float(v) for v in values}
         if values and all(n is not None for n in numbers.values()):
             classes = sorted(values, key=lambda v: numbers[v])
@@ -303,7 +304,7 @@ def infer_schema(header: Sequence[str], rows: Sequence[Mapping[str, str]], train
         if name in (id_column, label_column) or name in excluded:
             continue
         spec = declared.get(name, {})
-        present = [r[name] for r in train_rows if not _is_missing(r[name])]
+        present = [r[name] for r in train_rows if not is_missing(r[name])]
         if not present:
             raise TabularDataError(f"{where}: feature column {name!r} is empty for every training case; remove it or "
                                    f"mark it {{\"name\": \"{name}\", \"exclude\": true}} in tabular.json")
@@ -311,7 +312,7 @@ def infer_schema(header: Sequence[str], rows: Sequence[Mapping[str, str]], train
         if kind == "numeric":
             for row in rows:
                 value = row[name]
-                problem = None if _is_missing(value) else numeric_cell_problem(value)
+                problem = None if is_missing(value) else numeric_cell_problem(value)
                 if problem:
                     declared_how = "declared numeric in tabular.json" if spec.get("type") else "numeric"
                     raise TabularDataError(f"{where}: column {name!r} ({declared_how}), case {row[id_column]!r}: "
@@ -351,20 +352,20 @@ def encode_row(schema: TabularSchema, row: Mapping[str, str], where: str) -> Enc
     categorical = np.zeros(len(schema.categorical_fields), dtype=np.int64)
     for i, field in enumerate(schema.categorical_fields):
         value = row.get(field.name)
-        if not _is_missing(value):
+        if not is_missing(value):
             categorical[i] = field.categories.index(value) + 1 if value in field.categories else UNKNOWN_INDEX
     numeric = np.zeros(len(schema.numeric_fields), dtype=np.float32)
     missing = np.ones(len(schema.numeric_fields), dtype=bool)
     for i, field in enumerate(schema.numeric_fields):
         value = row.get(field.name)
-        if _is_missing(value):
+        if is_missing(value):
             continue
         problem = numeric_cell_problem(value)
         if problem:
             raise TabularDataError(f"{where}: numeric column {field.name!r} has the value {value!r}, which {problem}")
         numeric[i], missing[i] = float(value), False
     label_cell = row.get(schema.label_column)
-    label = -1 if _is_missing(label_cell) else schema.class_index(label_cell, where)
+    label = -1 if is_missing(label_cell) else schema.class_index(label_cell, where)
     return EncodedRow(categorical, numeric, missing, label)
 
 
