@@ -59,7 +59,8 @@ def register(subparsers) -> None:
         description="Preprocess each case like training, take the centred patch, average the softmax over folds "
                     "and write one row per case: case_id, prediction, prob_<class>...")
     p.add_argument("-i", required=True, help="folder with images named like imagesTr (<case>_<XXXX><ending>)")
-    p.add_argument("-t", default=None, help="tabular CSV with a row per case (default: the dataset's tabular.csv)")
+    p.add_argument("-t", default=None, help="tabular CSV with a row per case (default: the copy configure cfcml "
+                                            "made for the plans -p, if the raw tabular.csv is unchanged since)")
     p.add_argument("-o", required=True, help="output CSV (must not exist)")
     p.add_argument("-d", required=True, help="dataset ID or name")
     p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")

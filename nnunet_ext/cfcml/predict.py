@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from nnunet_ext.cfcml.configured_table import changed_source, configured_csv
 from nnunet_ext.cfcml.data import crop_or_pad_to_patch
 from nnunet_ext.cfcml.prediction_table import read_prediction_table
-from nnunet_ext.cfcml.tabular import TabularDataError, TabularSchema, TabularTable
+from nnunet_ext.cfcml.tabular import TABULAR_CSV, TabularDataError, TabularSchema, TabularTable
 
 
 def model_folder(dataset: str | int, trainer: str, plans: str, configuration: str) -> str:
@@ -60,6 +61,27 @@ def load_fold_network(folder: str, fold: int | str, checkpoint_name: str, device
     return network.to(device).eval(), plans_manager, configuration_manager, dataset_json, trainer_class
 
 
+def default_prediction_table(block: dict, plans_manager) -> str:
+    """The table the model's plans were configured with, if its raw source is unchanged since.
+
+    Raises:
+        TabularDataError: the raw ``tabular.csv``/``tabular.json`` changed since ``configure``: choose with ``-t``.
+    """
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnunet_ext.cfcml.configure import raw_dataset_folder
+
+    preprocessed_folder = os.path.join(str(nnUNet_preprocessed), plans_manager.dataset_name)
+    copy = configured_csv(block, preprocessed_folder)
+    changed = changed_source(block, preprocessed_folder, raw_dataset_folder(plans_manager.plans))
+    if changed is not None:
+        edited = os.path.join(os.path.dirname(changed[0]), TABULAR_CSV)
+        raise TabularDataError(f"{changed[0]} differs from the copy {changed[1]} that plans "
+                               f"{plans_manager.plans_name!r} were configured with; choose the table explicitly: "
+                               f"-t {copy} (as configured) or -t {edited} (edited; encoded with the trained schema)")
+    return copy
+
+
 def predict_classification(images_dir: str, tabular_csv: str | None, output_csv: str, dataset: str | int,
                            configuration: str, folds: Sequence[int | str], trainer: str = "CFCMLTrainer",
                            plans: str = "nnUNetPlans", checkpoint_name: str = "checkpoint_final.pth",
@@ -71,8 +93,8 @@ def predict_classification(images_dir: str, tabular_csv: str | None, output_csv:
 
     Args:
         images_dir: nnU-Net-style images (``<case>_<XXXX><file_ending>``).
-        tabular_csv: rows for these cases (label column optional); default: the dataset's ``tabular.csv`` copy
-            in the preprocessed folder.
+        tabular_csv: rows for these cases (label column optional); default: the copy the plans were configured
+            with (:func:`default_prediction_table`).
         folds: folds to ensemble (softmax averaged).
         allow_missing_tabular: cases without a row get all fields missing instead of an error.
         allow_missing_columns: feature columns absent from the table are missing for every case (with a
@@ -97,9 +119,7 @@ def predict_classification(images_dir: str, tabular_csv: str | None, output_csv:
     block = method_settings(plans_manager, "cfcml")
     schema = TabularSchema.from_dict(block["schema"])
     if tabular_csv is None:
-        from nnunetv2.paths import nnUNet_preprocessed
-
-        tabular_csv = os.path.join(str(nnUNet_preprocessed), plans_manager.dataset_name, "tabular.csv")
+        tabular_csv = default_prediction_table(block, plans_manager)
     file_ending = load_json(os.path.join(folder, "dataset.json"))["file_ending"]
     files = create_lists_from_splitted_dataset_folder(images_dir, file_ending)
     if not files:
