@@ -102,7 +102,7 @@ def changed_source(block: Mapping[str, Any], preprocessed_folder: str,
         return csv_path, os.path.join(preprocessed_folder, record["csv"])
     if sha256_of(json_path) != record.get("json_sha256"):
         source = json_path or os.path.join(os.path.dirname(csv_path), TABULAR_JSON)
-        return source, os.path.join(preprocessed_folder, record["json"] or TABULAR_JSON)
+        return source, os.path.join(preprocessed_folder, os.path.dirname(record["csv"]), TABULAR_JSON)
     return None
 
 
