@@ -2,15 +2,41 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+import warnings
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def tabular_warnings_as_lines(prefix: str) -> Iterator[None]:
+    """Print each :class:`TabularDataWarning` at once as ``<prefix>: warning: <message>`` on stderr (every one,
+    not only the first per call site); other warnings keep Python's format."""
+    from nnunet_ext.cfcml.prediction_table import TabularDataWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TabularDataWarning)
+        show_default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, TabularDataWarning):
+                print(f"{prefix}: warning: {message}", file=sys.stderr)
+            else:
+                show_default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show  # restored by catch_warnings
+        yield
 
 
 def _cmd_predict_cls(args: argparse.Namespace) -> int:
     from nnunet_ext.cfcml.predict import predict_classification
 
-    path = predict_classification(args.i, args.t, args.o, args.d, args.c, args.f, trainer=args.tr, plans=args.p,
-                                  checkpoint_name=args.chk, device=args.device,
-                                  allow_missing_tabular=args.allow_missing_tabular)
+    with tabular_warnings_as_lines("nnunet-ext predict-cls"):
+        path = predict_classification(args.i, args.t, args.o, args.d, args.c, args.f, trainer=args.tr, plans=args.p,
+                                      checkpoint_name=args.chk, device=args.device,
+                                      allow_missing_tabular=args.allow_missing_tabular,
+                                      allow_missing_columns=args.allow_missing_columns)
     print(f"Class probabilities written to {path}")
     return 0
 
@@ -33,7 +59,8 @@ def register(subparsers) -> None:
         description="Preprocess each case like training, take the centred patch, average the softmax over folds "
                     "and write one row per case: case_id, prediction, prob_<class>...")
     p.add_argument("-i", required=True, help="folder with images named like imagesTr (<case>_<XXXX><ending>)")
-    p.add_argument("-t", default=None, help="tabular CSV with a row per case (default: the dataset's tabular.csv)")
+    p.add_argument("-t", default=None, help="tabular CSV with a row per case (default: the copy configure cfcml "
+                                            "made for the plans -p, if the raw tabular.csv is unchanged since)")
     p.add_argument("-o", required=True, help="output CSV (must not exist)")
     p.add_argument("-d", required=True, help="dataset ID or name")
     p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
@@ -45,6 +72,9 @@ def register(subparsers) -> None:
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.add_argument("--allow-missing-tabular", action="store_true",
                    help="cases without a tabular row get all fields missing instead of an error")
+    p.add_argument("--allow-missing-columns", action="store_true",
+                   help="feature columns of the trained model that the table lacks are missing for every case "
+                        "(one warning per column) instead of an error")
     p.set_defaults(func=_cmd_predict_cls)
 
     p = subparsers.add_parser("evaluate-cls", help="classification metrics of a predict-cls CSV against labels",

@@ -7,7 +7,9 @@ in the plans as ``plans["nnunet_ext"]["cfcml"] = {"schema": ..., "settings": ...
 plans into the results folder, so prediction sees exactly what training used.
 
 Side effects in ``nnUNet_preprocessed/<Dataset>/``: ``tabular.csv``/``tabular.json`` copied from the raw dataset
-(training never needs ``nnUNet_raw``) and a class-stratified ``splits_final.json`` unless one exists.
+to ``tabular/<plans identifier>/`` with their sha256 recorded in the block (training never needs ``nnUNet_raw``,
+and notices a raw table edited since; :mod:`nnunet_ext.cfcml.configured_table`) and a class-stratified
+``splits_final.json`` unless one exists.
 """
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ import copy
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nnunet_ext.cfcml.configured_table import TABLE_RECORD_KEY, write_configured_copy
 from nnunet_ext.cfcml.tabular import (
     TABULAR_CSV,
     TABULAR_JSON,
@@ -149,7 +151,8 @@ def write_stratified_splits(preprocessed_folder: str, table: TabularTable, ident
 
 
 def resolve_cfcml_block(plans: Mapping[str, Any], settings: Mapping[str, Any], preprocessed_folder: str,
-                        raw_folder: str | None = None, write_files: bool = True) -> tuple[dict, dict[str, int]]:
+                        raw_folder: str | None = None, write_files: bool = True,
+                        plans_name: str | None = None) -> tuple[dict, dict[str, int]]:
     """Validate the sidecar and resolve every setting for this dataset.
 
     Args:
@@ -157,7 +160,10 @@ def resolve_cfcml_block(plans: Mapping[str, Any], settings: Mapping[str, Any], p
         settings: user overrides of :data:`DEFAULT_SETTINGS`.
         preprocessed_folder: ``nnUNet_preprocessed/<Dataset>``.
         raw_folder: ``nnUNet_raw/<Dataset>`` (optional; enables the "row without an image" check).
-        write_files: copy the sidecars next to the preprocessed data and write a stratified split.
+        write_files: copy the sidecars to ``tabular/<plans_name>/`` next to the preprocessed data (recorded in
+            the block) and write a stratified split.
+        plans_name: identifier of the plans that will carry the block (default: ``plans["plans_name"]``, i.e.
+            the trainer resolving its own plans).
 
     Returns:
         ``(block, batch sizes per configuration)``.
@@ -219,14 +225,14 @@ def resolve_cfcml_block(plans: Mapping[str, Any], settings: Mapping[str, Any], p
 
     batch_sizes = {name: resolved_batch_size(config["batch_size"], schema.num_classes, resolved["batch_size"])
                    for name, config in plans.get("configurations", {}).items() if "batch_size" in config}
+    block = {"schema": schema.to_dict(), "settings": resolved, "class_counts": counts}
     if write_files:
-        if os.path.abspath(os.path.dirname(csv_path)) != os.path.abspath(preprocessed_folder):
-            shutil.copyfile(csv_path, os.path.join(preprocessed_folder, TABULAR_CSV))
-            if json_path:
-                shutil.copyfile(json_path, os.path.join(preprocessed_folder, TABULAR_JSON))
+        source_plans = plans.get("plans_name")
+        plans_name = plans_name or source_plans
+        block[TABLE_RECORD_KEY] = write_configured_copy(preprocessed_folder, plans_name, csv_path, json_path,
+                                                        source_plans if source_plans != plans_name else None)
         write_stratified_splits(preprocessed_folder, table, training_ids, seed=resolved["split_seed"],
                                 overwrite=resolved["force_split"])
-    block = {"schema": schema.to_dict(), "settings": resolved, "class_counts": counts}
     return block, batch_sizes
 
 
@@ -240,7 +246,8 @@ def apply_block(plans: dict, block: Mapping[str, Any], batch_sizes: Mapping[str,
 def derive_plans(plans: dict, target_identifier: str, settings: Mapping[str, Any],
                  preprocessed_dataset_folder: str) -> dict:
     """Hook of ``nnunet-ext configure cfcml`` (see :mod:`nnunet_ext.plans`)."""
-    block, batch_sizes = resolve_cfcml_block(plans, settings, preprocessed_dataset_folder, raw_dataset_folder(plans))
+    block, batch_sizes = resolve_cfcml_block(plans, settings, preprocessed_dataset_folder, raw_dataset_folder(plans),
+                                             plans_name=target_identifier)
     derived = derive_method_plans(plans, target_identifier, "cfcml", block)
     apply_block(derived, block, batch_sizes)
     return derived

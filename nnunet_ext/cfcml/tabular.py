@@ -1,8 +1,11 @@
 """Tabular sidecar of a classification dataset: ``tabular.csv`` (+ optional ``tabular.json``).
 
 Data contract (issue 7): ``tabular.csv`` lives in the raw dataset root. Column ``case_id`` holds nnU-Net case
-identifiers, column ``label`` the class (integers or names), every other column is a feature. A column whose
-non-empty cells all parse as numbers is numeric, any other column is categorical; empty cells are missing values.
+identifiers, column ``label`` the class (integers or names), every other column is a feature. Empty cells and the
+markers ``nan``, ``NA``, ``n/a``, ``none``, ``null`` are missing values. Column types (issue 17): a column whose
+non-missing cells (in any row) are all numbers is numeric, one without any number is categorical, and one with
+both is refused, naming a row and value ("forty", "1,059" in an age column), unless ``tabular.json`` declares its
+type. A numeric cell must be finite within float32 (the network's input type): ``inf`` or ``1e308`` is refused.
 ``tabular.json`` may override column names and types, declare classes and category vocabularies, exclude columns,
 define the image groups (CFCML image modalities) and flag a mask-free dataset::
 
@@ -34,6 +37,8 @@ from nnunet_ext.errors import InputError
 TABULAR_CSV = "tabular.csv"
 TABULAR_JSON = "tabular.json"
 UNKNOWN_INDEX = 0
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MISSING_MARKERS = ("nan", "na", "n/a", "none", "null")
 _JSON_KEYS = {"classes", "id_column", "label_column", "image_groups", "fields", "mask_free"}
 _FIELD_KEYS = {"name", "type", "categories", "exclude", "text"}
 
@@ -63,16 +68,38 @@ class TabularBatch:
         return int(self.categorical.shape[0])
 
 
-def _is_missing(value: str | None) -> bool:
-    return value is None or value.strip() == "" or value.strip().lower() in ("nan", "na", "n/a", "none", "null")
+def is_missing(value: str | None) -> bool:
+    """An absent cell, an empty one or one of :data:`MISSING_MARKERS` (case-insensitive)."""
+    return value is None or value.strip() == "" or value.strip().lower() in MISSING_MARKERS
+
+
+def _parse_number(value: str) -> float | None:
+    """The number a cell spells (possibly ``inf`` or beyond float32), or None for text."""
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _is_finite32(number: float) -> bool:
+    # numeric inputs are float32 tensors: 1e308 is a finite float64 but becomes inf there (NaN statistics)
+    return math.isfinite(number) and abs(number) <= FLOAT32_MAX
 
 
 def _parse_float(value: str) -> float | None:
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
+    """The finite (float32-range) number a cell holds, or None."""
+    number = _parse_number(value)
+    return number if number is not None and _is_finite32(number) else None
+
+
+def numeric_cell_problem(value: str) -> str | None:
+    """Why a non-missing cell cannot be a numeric value (None when it can)."""
+    number = _parse_number(value)
+    if number is None:
+        return "is not a number"
+    if not _is_finite32(number):
+        return f"is not a finite number within float32 range (|x| <= {FLOAT32_MAX:.3g})"
+    return None
 
 
 def _label_key(value: str) -> str:
@@ -204,6 +231,33 @@ def load_tabular_json(path: str | os.PathLike | None) -> dict[str, Any]:
     return data
 
 
+def _column_type(name: str, rows: Sequence[Mapping[str, str]], id_column: str, where: str) -> str:
+    """"numeric" when every non-missing cell spells a number, "categorical" when none does.
+
+    Rows of every split are looked at (only types, not vocabularies, come from them), so that a typo in a test
+    row cannot silently turn into an unseen category.
+
+    Raises:
+        TabularDataError: the column mixes numbers and text, naming the first text cell's case and value.
+    """
+    cells = [(row[id_column], row[name]) for row in rows if not is_missing(row[name])]
+    numbers = [(case, v) for case, v in cells if _parse_number(v) is not None]
+    texts = [(case, v) for case, v in cells if _parse_number(v) is None]
+    if not texts:
+        return "numeric"
+    if not numbers:
+        return "categorical"
+    # name a cell of the minority kind: the likely typo ("forty" among ages, "5" among site names)
+    (odd_case, odd), majority, kind = ((texts[0], numbers, "numbers") if len(texts) <= len(numbers)
+                                       else (numbers[0], texts, "text"))
+    raise TabularDataError(
+        f"{where}: column {name!r} mixes numbers and text: case {odd_case!r} has {odd!r}, while {len(majority)} of "
+        f"{len(cells)} non-empty cells are {kind} (e.g. case {majority[0][0]!r}: {majority[0][1]!r}); write numbers "
+        f"without units or thousands separators and missing values as an empty cell, or declare the column in "
+        f"tabular.json "
+        f"as {{\"name\": \"{name}\", \"type\": \"categorical\"}} (or \"numeric\")")
+
+
 def infer_schema(header: Sequence[str], rows: Sequence[Mapping[str, str]], training_ids: Iterable[str],
                  overrides: Mapping[str, Any] | None = None, where: str = TABULAR_CSV) -> TabularSchema:
     """Resolve classes, field types and vocabularies from the training cases' rows (and ``tabular.json``).
@@ -213,7 +267,8 @@ def infer_schema(header: Sequence[str], rows: Sequence[Mapping[str, str]], train
 
     Raises:
         TabularDataError: missing id/label column, fewer than two classes, no feature column, a feature column
-            that is entirely empty among the training cases, a declared type that does not fit the data.
+            that is entirely empty among the training cases, an undeclared column mixing numbers and text, a
+            numeric cell that is text or not finite (in any row), a declared type that does not fit the data.
     """
     overrides = dict(overrides or {})
     id_column = overrides.get("id_column", "case_id")
@@ -234,7 +289,7 @@ def infer_schema(header: Sequence[str], rows: Sequence[Mapping[str, str]], train
         if len(set(classes)) != len(classes):
             raise TabularDataError(f"tabular.json: duplicate classes in {overrides['classes']}")
     else:
-        values = {_label_key(r[label_column]) for r in train_rows if not _is_missing(r[label_column])}
+        values = {_label_key(r[label_column]) for r in train_rows if not is_missing(r[label_column])}
         numbers = {v: _parse_float(v) for v in values}
         if values and all(n is not None for n in numbers.values()):
             classes = sorted(values, key=lambda v: numbers[v])
@@ -249,16 +304,19 @@ def infer_schema(header: Sequence[str], rows: Sequence[Mapping[str, str]], train
         if name in (id_column, label_column) or name in excluded:
             continue
         spec = declared.get(name, {})
-        present = [r[name] for r in train_rows if not _is_missing(r[name])]
+        present = [r[name] for r in train_rows if not is_missing(r[name])]
         if not present:
             raise TabularDataError(f"{where}: feature column {name!r} is empty for every training case; remove it or "
                                    f"mark it {{\"name\": \"{name}\", \"exclude\": true}} in tabular.json")
-        kind = spec.get("type") or ("numeric" if all(_parse_float(v) is not None for v in present) else "categorical")
+        kind = spec.get("type") or _column_type(name, rows, id_column, where)
         if kind == "numeric":
-            bad = sorted({v for v in present if _parse_float(v) is None})
-            if bad:
-                raise TabularDataError(f"{where}: column {name!r} is declared numeric but has non-numeric values "
-                                       f"{bad[:5]}")
+            for row in rows:
+                value = row[name]
+                problem = None if is_missing(value) else numeric_cell_problem(value)
+                if problem:
+                    declared_how = "declared numeric in tabular.json" if spec.get("type") else "numeric"
+                    raise TabularDataError(f"{where}: column {name!r} ({declared_how}), case {row[id_column]!r}: "
+                                           f"value {value!r} {problem}; fix the cell or leave it empty (missing)")
             fields.append(FieldSpec(name, "numeric"))
             continue
         if spec.get("categories") is not None:
@@ -294,19 +352,20 @@ def encode_row(schema: TabularSchema, row: Mapping[str, str], where: str) -> Enc
     categorical = np.zeros(len(schema.categorical_fields), dtype=np.int64)
     for i, field in enumerate(schema.categorical_fields):
         value = row.get(field.name)
-        if not _is_missing(value):
+        if not is_missing(value):
             categorical[i] = field.categories.index(value) + 1 if value in field.categories else UNKNOWN_INDEX
     numeric = np.zeros(len(schema.numeric_fields), dtype=np.float32)
     missing = np.ones(len(schema.numeric_fields), dtype=bool)
     for i, field in enumerate(schema.numeric_fields):
         value = row.get(field.name)
-        number = None if _is_missing(value) else _parse_float(value)
-        if not _is_missing(value) and number is None:
-            raise TabularDataError(f"{where}: numeric column {field.name!r} has the non-numeric value {value!r}")
-        if number is not None:
-            numeric[i], missing[i] = number, False
+        if is_missing(value):
+            continue
+        problem = numeric_cell_problem(value)
+        if problem:
+            raise TabularDataError(f"{where}: numeric column {field.name!r} has the value {value!r}, which {problem}")
+        numeric[i], missing[i] = float(value), False
     label_cell = row.get(schema.label_column)
-    label = -1 if _is_missing(label_cell) else schema.class_index(label_cell, where)
+    label = -1 if is_missing(label_cell) else schema.class_index(label_cell, where)
     return EncodedRow(categorical, numeric, missing, label)
 
 
@@ -365,6 +424,9 @@ def fit_numeric_stats(table: TabularTable, training_keys: Iterable[str]) -> tupl
 
     Returns:
         ``(mean [F_num], std [F_num])`` float32.
+
+    Raises:
+        TabularDataError: a column without values in this fold, or whose mean or std is not a finite float32.
     """
     keys = list(training_keys)
     table.require(keys)
@@ -375,9 +437,17 @@ def fit_numeric_stats(table: TabularTable, training_keys: Iterable[str]) -> tupl
         if values.size == 0:
             raise TabularDataError(f"{table.where}: numeric column {field.name!r} is empty for every case of this "
                                    f"training fold")
-        mean[i] = values.mean()
-        sd = values.std()
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is refused below
+            mean[i] = values.mean()
+            sd = values.std()
         std[i] = sd if sd > 1e-8 else 1.0
+        if not (np.isfinite(mean[i]) and np.isfinite(std[i])):
+            # a NaN mean would turn every case's normalised value into NaN: refuse instead of a warning
+            largest = max((k for k in keys if not table.rows[k].missing[i]),
+                          key=lambda k: abs(float(table.rows[k].numeric[i])))
+            raise TabularDataError(f"{table.where}: numeric column {field.name!r} has no finite mean/std over this "
+                                   f"training fold (mean {mean[i]}, std {std[i]}); largest value "
+                                   f"{float(table.rows[largest].numeric[i])!r} in case {largest!r}")
     return mean, std
 
 

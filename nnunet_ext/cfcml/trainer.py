@@ -31,6 +31,7 @@ from nnunet_ext.cfcml.configure import (
     resolve_cfcml_block,
     write_stratified_splits,
 )
+from nnunet_ext.cfcml.configured_table import TABLE_RECORD_KEY, configured_csv, require_unchanged_source
 from nnunet_ext.cfcml.data import crop_or_pad_to_patch, foreground_centre
 from nnunet_ext.cfcml.losses import HierarchicalAnchorLoss
 from nnunet_ext.cfcml.metrics import classification_metrics
@@ -80,13 +81,17 @@ def build_cfcml_network(block: dict, overrides: dict, configuration_manager, num
 
 
 def load_table(block: dict, preprocessed_folder: str, raw_folder: str | None) -> TabularTable:
-    """The dataset's table encoded with the plans' frozen schema (preprocessed copy first, then raw)."""
+    """The dataset's table encoded with the plans' frozen schema: the copy these plans were configured with
+    (for plans configured before per-plans copies: the shared copy, else the raw table)."""
     schema = TabularSchema.from_dict(block["schema"])
-    for folder in (preprocessed_folder, raw_folder):
-        if folder and os.path.isfile(os.path.join(folder, TABULAR_CSV)):
-            return TabularTable.from_csv(schema, os.path.join(folder, TABULAR_CSV))
-    raise FileNotFoundError(f"{TABULAR_CSV} not found in {preprocessed_folder} or {raw_folder}; run "
-                            f"nnunet-ext configure cfcml")
+    candidates = [configured_csv(block, preprocessed_folder)]
+    if TABLE_RECORD_KEY not in block and raw_folder:
+        candidates.append(os.path.join(raw_folder, TABULAR_CSV))
+    for path in candidates:
+        if os.path.isfile(path):
+            return TabularTable.from_csv(schema, path)
+    raise TabularDataError(f"{candidates[0]} not found (the table these plans were configured with); run nnunet-ext "
+                           f"configure cfcml again for these plans with --overwrite")
 
 
 class CFCMLTrainerCore(ExtTrainerBase):
@@ -129,6 +134,9 @@ class CFCMLTrainerCore(ExtTrainerBase):
             apply_block(self.plans_manager.plans, block, batch_sizes)
             self.print_to_log_file("No CFCML block in the plans: resolved the tabular schema and settings with "
                                    "defaults (run nnunet-ext configure cfcml to choose them)")
+        # before any work: a raw table edited after configure would otherwise be ignored without a word
+        require_unchanged_source(block, self.preprocessed_dataset_folder_base, self.raw_folder,
+                                 self.plans_manager.dataset_name, self.plans_manager.plans_name)
         batch_size = self.plans_manager.plans["configurations"][configuration].get("batch_size")
         if batch_size is not None:
             self.configuration_manager.configuration["batch_size"] = batch_size

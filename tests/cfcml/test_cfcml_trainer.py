@@ -3,9 +3,12 @@ training step, numeric statistics from the training fold, predictor contract, ch
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import os
+import re
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -14,8 +17,8 @@ import torch
 from cfcml_fixtures import PLANS, writable_planned_root
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_ext.cfcml.tabular import fit_numeric_stats
-from nnunet_ext.cfcml.trainer import CLS_LOG_KEYS, CFCMLTrainerCore
+from nnunet_ext.cfcml.tabular import TabularDataError, fit_numeric_stats
+from nnunet_ext.cfcml.trainer import CLS_LOG_KEYS, CFCMLTrainerCore, load_table
 from nnunet_ext.compat import logging_dict
 from nnunet_ext.plans import write_derived_plans
 from nnunet_ext_trainers.cfcml_trainers import CFCMLTrainer, CFCMLTrainer_noHRM, CFCMLTrainer_tabularOnly
@@ -114,7 +117,7 @@ def test_automatic_default_without_configure(cfcml_root):
     assert block["schema"]["classes"] == ["atypical", "benign", "malignant"]
     assert trainer.configuration_manager.batch_size % 3 == 0
     trainer.initialize()
-    assert (pre / "splits_final.json").exists() and (pre / "tabular.csv").exists()
+    assert (pre / "splits_final.json").exists() and (pre / "tabular" / PLANS / "tabular.csv").exists()
     with pytest.raises(RuntimeError, match="configure cfcml"):
         plans = json.loads((pre / f"{PLANS}.json").read_text())
         pm = PlansManager(plans)
@@ -170,3 +173,51 @@ def test_unsupported_setups_are_refused(cfcml_root):
 
     with pytest.raises(KeyError, match="colour"):
         make_trainer(cfcml_root, BadOverrides)
+
+
+def edit_noise(csv_path, value="0.5"):
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([dict(r, noise=value) for r in rows])
+
+
+@pytest.mark.parametrize("edit,changed", [
+    ("csv", "tabular.csv changed"),
+    ("json added", "tabular.json was added or removed"),
+    ("json removed", "tabular.json was added or removed"),
+])
+def test_raw_table_edited_after_configure_stops_the_trainer_with_the_command(cfcml_root, edit, changed):
+    raw, pre = cfcml_root / "nnUNet_raw" / "Dataset801_CfcmlTiny", dataset_folder(cfcml_root, 801)
+    json_path = raw / "tabular.json"
+    if edit == "json removed":
+        json_path.write_text(json.dumps({"fields": [{"name": "noise", "exclude": True}]}))
+    write_derived_plans(str(pre), PLANS, CFCML_PLANS, "cfcml", {})
+    if edit == "csv":
+        edit_noise(raw / "tabular.csv")
+    elif edit == "json added":
+        json_path.write_text(json.dumps({"fields": [{"name": "noise", "exclude": True}]}))
+    else:
+        json_path.unlink()
+    command = f"nnunet-ext configure cfcml -d Dataset801_CfcmlTiny -p {PLANS} -o {CFCML_PLANS} --overwrite"
+    with pytest.raises(TabularDataError, match=re.escape(changed) + ".*" + re.escape(command)):
+        make_trainer(cfcml_root)
+    write_derived_plans(str(pre), PLANS, CFCML_PLANS, "cfcml", {}, overwrite=True)  # the command's effect
+    assert make_trainer(cfcml_root).cfcml_block["table"]["csv_sha256"] is not None
+
+
+def test_plans_configured_before_per_plans_copies_use_the_shared_copy_and_are_checked(cfcml_root):
+    raw, pre = cfcml_root / "nnUNet_raw" / "Dataset801_CfcmlTiny", dataset_folder(cfcml_root, 801)
+    plans_file = pre / f"{CFCML_PLANS}.json"
+    write_derived_plans(str(pre), PLANS, CFCML_PLANS, "cfcml", {})
+    plans = json.loads(plans_file.read_text())
+    del plans["nnunet_ext"]["cfcml"]["table"]  # as written by an older configure, with its shared copy
+    plans_file.write_text(json.dumps(plans))
+    shutil.copyfile(raw / "tabular.csv", pre / "tabular.csv")
+    trainer = make_trainer(cfcml_root)
+    assert load_table(trainer.cfcml_block, str(pre), str(raw)).where == str(pre / "tabular.csv")
+    edit_noise(raw / "tabular.csv")
+    with pytest.raises(TabularDataError, match=re.escape(f"-p SOURCE_PLANS -o {CFCML_PLANS} --overwrite")):
+        make_trainer(cfcml_root)

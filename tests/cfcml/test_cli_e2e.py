@@ -142,6 +142,23 @@ def test_predict_cls_errors(trained, monkeypatch):
     with pytest.raises(FileExistsError):  # never overwritten
         predict_classification(str(raw / "imagesTs"), None, str(out), DATASET, "2d", [0], TRAINER, PLANS)
 
+    # issue 17.5: a feature column missing from the table is refused unless allowed, then warned about
+    from nnunet_ext.cfcml.prediction_table import TabularDataWarning
+
+    rows = list(csv.DictReader(open(raw / "tabular.csv", newline="")))
+    no_score = root / "no_score.csv"
+    with open(no_score, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "score"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(TabularDataError, match=r"feature column\(s\) \['score'\] of the trained model are missing"):
+        predict_classification(str(raw / "imagesTs"), str(no_score), str(root / "p4.csv"), DATASET, "2d", [0],
+                               TRAINER, PLANS)
+    with pytest.warns(TabularDataWarning, match="'score' is missing"):
+        predict_classification(str(raw / "imagesTs"), str(no_score), str(root / "p4.csv"), DATASET, "2d", [0],
+                               TRAINER, PLANS, allow_missing_columns=True)
+    assert len(list(csv.DictReader(open(root / "p4.csv")))) == 3
+
 
 def test_stock_nnunet_predict_writes_segmentations(trained):
     root, raw, env = trained["root"], trained["raw"], trained["env"]

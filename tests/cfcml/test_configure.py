@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -55,7 +57,10 @@ def test_derived_plans_block_split_and_sidecars(cfcml_root):
     assert settings["mask_free"] is False and settings["w_seg"] == 1.0
     assert (settings["w_sam"], settings["w_up"], settings["w_cp"]) == (0.06, 0.04, 0.24)
     assert plans["configurations"]["2d"]["batch_size"] % 3 == 0 and plans["configurations"]["2d"]["batch_size"] >= 6
-    assert (pre / "tabular.csv").read_bytes() == (raw / "tabular.csv").read_bytes()
+    copy = pre / "tabular" / "nnUNetCPUPlans_CFCML" / "tabular.csv"
+    assert copy.read_bytes() == (raw / "tabular.csv").read_bytes()
+    assert block["table"]["csv_sha256"] == hashlib.sha256((raw / "tabular.csv").read_bytes()).hexdigest()
+    assert block["table"]["source_plans"] == PLANS and block["table"]["json"] is None
     splits = json.loads((pre / "splits_final.json").read_text())
     labels = {r["case_id"]: r["label"] for r in csv.DictReader(open(raw / "tabular.csv"))}
     assert len(splits) == 5
@@ -89,7 +94,7 @@ def test_tabular_json_groups_and_exclusions(cfcml_root):
     block = configure(pre)["nnunet_ext"]["cfcml"]
     assert [f["name"] for f in block["schema"]["fields"]] == ["colour_flag", "score"]
     assert block["settings"]["image_groups"] == [[0], [1, 2]]
-    assert (pre / "tabular.json").exists()
+    assert (pre / "tabular" / "nnUNetCPUPlans_CFCML" / "tabular.json").read_text() == (raw / "tabular.json").read_text()
 
 
 @pytest.mark.parametrize("change,message", [
@@ -101,6 +106,10 @@ def test_tabular_json_groups_and_exclusions(cfcml_root):
     (lambda rows: [dict(r, label="benign") if r["label"] else r for r in rows], "at least two classes"),
     (lambda rows: [dict(r, label="") if r["case_id"] == "tr_004" else r for r in rows],
      r"training case\(s\) \['tr_004'\] have no label"),
+    (lambda rows: [dict(r, score="forty") if r["case_id"] == "tr_002" else r for r in rows],
+     r"column 'score' mixes numbers and text: case 'tr_002' has 'forty'"),
+    (lambda rows: [dict(r, noise="1e308") if r["case_id"] == "ts_001" else r for r in rows],
+     r"column 'noise' \(numeric\), case 'ts_001': value '1e308' is not a finite number"),
 ])
 def test_bad_input_is_a_clear_error_before_training(cfcml_root, change, message):
     raw, pre = paths(cfcml_root)
@@ -108,3 +117,34 @@ def test_bad_input_is_a_clear_error_before_training(cfcml_root, change, message)
     with pytest.raises(TabularDataError, match=message):
         configure(pre)
     assert not (pre / "nnUNetCPUPlans_CFCML.json").exists()
+
+
+def test_each_plans_identifier_keeps_its_own_copy(cfcml_root):
+    raw, pre = paths(cfcml_root)
+    original = (raw / "tabular.csv").read_bytes()
+    first = configure(pre, target="first")["nnunet_ext"]["cfcml"]["table"]
+    edit_csv(raw / "tabular.csv", lambda rows: [dict(r, noise="0.5") for r in rows])
+    (raw / "tabular.json").write_text(json.dumps({"fields": [{"name": "score", "exclude": True}]}))
+    second = configure(pre, target="second")["nnunet_ext"]["cfcml"]["table"]
+    assert (pre / first["csv"]).read_bytes() == original  # not replaced by the second configure
+    assert (pre / second["csv"]).read_bytes() == (raw / "tabular.csv").read_bytes() != original
+    assert first["json"] is None and not (pre / "tabular" / "first" / "tabular.json").exists()
+    assert (pre / second["json"]).is_file()
+    assert first["csv_sha256"] != second["csv_sha256"] and second["json_sha256"] is not None
+    assert not (pre / "tabular.csv").exists()  # no shared copy any more
+
+
+def test_predict_cls_default_table_is_the_configured_copy_unless_the_raw_table_changed(cfcml_root):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ext.cfcml.predict import default_prediction_table
+
+    raw, pre = paths(cfcml_root)
+    plans = configure(pre)
+    block, plans_manager = plans["nnunet_ext"]["cfcml"], PlansManager(plans)
+    copy = pre / "tabular" / "nnUNetCPUPlans_CFCML" / "tabular.csv"
+    assert default_prediction_table(block, plans_manager) == str(copy)
+    edit_csv(raw / "tabular.csv", lambda rows: [dict(r, noise="0.5") for r in rows])
+    with pytest.raises(TabularDataError, match=re.escape(f"choose the table explicitly: -t {copy} (as configured) "
+                                                         f"or -t {raw / 'tabular.csv'} (edited")):
+        default_prediction_table(block, plans_manager)

@@ -75,15 +75,60 @@ def test_encoding_of_missing_and_unknown_values():
 @pytest.mark.parametrize("mutate,message", [
     (lambda rows: [dict(r, label="low") for r in rows], "at least two classes"),
     (lambda rows: [dict(r, marker="") if r["case_id"] in TRAIN else r for r in rows], "empty for every training"),
-    (lambda rows: [dict(r, age="old") if r["case_id"] == "a" else r for r in rows], None),  # becomes categorical
 ])
 def test_schema_errors(mutate, message):
     rows = mutate([dict(r) for r in ROWS])
-    if message is None:
-        assert schema(rows=rows).fields[0].type == "categorical"
-        return
     with pytest.raises(TabularDataError, match=message):
         schema(rows=rows)
+
+
+def with_cell(case, column, value):
+    return [dict(r, **{column: value}) if r["case_id"] == case else dict(r) for r in ROWS]
+
+
+@pytest.mark.parametrize("case,column,value", [
+    ("a", "age", "forty"),  # text in a numeric column: no longer one category per value
+    ("c", "age", "1,059"),  # thousands separator
+    ("v", "marker", "7 mg"),  # a validation row counts too
+    ("t", "age", "old"),  # and an unlabelled test row
+    ("b", "site", "5"),  # a number among categories
+])
+def test_column_mixing_numbers_and_text_is_refused_with_case_and_value(case, column, value):
+    with pytest.raises(TabularDataError, match=rf"column '{column}' mixes numbers and text: case '{case}' has "
+                                               rf"'{value}'.*declare the column in tabular.json"):
+        schema(rows=with_cell(case, column, value))
+
+
+@pytest.mark.parametrize("case,column,value", [
+    ("a", "age", "inf"), ("b", "marker", "-Infinity"), ("c", "age", "1e308"), ("v", "marker", "1e39"),
+])
+def test_non_finite_numbers_are_refused_with_case_and_value(case, column, value):
+    with pytest.raises(TabularDataError, match=rf"column '{column}' \(numeric\), case '{case}': value '{value}' "
+                                               rf"is not a finite number"):
+        schema(rows=with_cell(case, column, value))
+
+
+def test_declared_type_resolves_a_mixed_column():
+    rows = with_cell("a", "age", "forty")
+    s = schema({"fields": [{"name": "age", "type": "categorical"}]}, rows=rows)
+    assert s.fields[0].type == "categorical" and "forty" in s.fields[0].categories
+    with pytest.raises(TabularDataError, match=r"'age' \(declared numeric in tabular.json\), case 'a': value 'forty' "
+                                               r"is not a number"):
+        schema({"fields": [{"name": "age", "type": "numeric"}]}, rows=rows)
+
+
+def test_non_finite_number_in_a_prediction_table_is_refused():
+    s = schema()
+    with pytest.raises(TabularDataError, match=r"case 'x': numeric column 'age' has the value '1e308', which is not a "
+                                               r"finite number"):
+        TabularTable(s, ROWS + [{"case_id": "x", "label": "", "age": "1e308", "site": "", "marker": ""}])
+
+
+def test_numeric_statistics_refuse_a_non_finite_mean():
+    table = TabularTable(schema(), ROWS)
+    table.rows["a"].numeric[0] = np.inf  # (encode_row refuses such cells; this guards the statistics themselves)
+    with pytest.raises(TabularDataError, match=r"'age' has no finite mean/std .* in case 'a'"):
+        fit_numeric_stats(table, TRAIN)
 
 
 def test_declared_numeric_with_text_and_undeclared_category_are_errors():
