@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +58,11 @@ def write_checkpoint_atomically(checkpoint: dict, filename: str | os.PathLike) -
     for leftover in leftover_temporary_files(folder):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f"{filename.name}.", suffix=TEMPORARY_SUFFIX)
+    # not tempfile.mkstemp: its files are private (0600), while a checkpoint should get the usual umask permissions
+    temporary = folder / f"{filename.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+    file = open(temporary, "xb")  # opened before the try: if this fails there is nothing to remove
     try:
-        with os.fdopen(descriptor, "wb") as f:
+        with file as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
@@ -106,3 +107,12 @@ def test_next_save_removes_temporary_files_of_killed_saves_and_nothing_else(tmp_
         (tmp_path / name).write_bytes(b"x")
     write_checkpoint_atomically({"current_epoch": 1}, tmp_path / "checkpoint_latest.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["checkpoint_latest.pth"])
+
+
+def test_checkpoint_gets_the_usual_permissions_not_a_private_temporary_files(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_checkpoint_atomically({"current_epoch": 1}, tmp_path / "checkpoint_latest.pth")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "checkpoint_latest.pth").stat().st_mode & 0o777 == 0o644
