@@ -45,3 +45,24 @@ def logging_dict(trainer) -> dict[str, list]:
 def torch_load_cpu(filename: str) -> dict:
     """Load an nnU-Net checkpoint on the CPU (checkpoints hold numpy/pickled objects, hence no weights_only)."""
     return torch.load(filename, map_location=torch.device("cpu"), weights_only=False)
+
+
+def nnunet_checkpoint(trainer) -> dict:
+    """The dict nnU-Net 2.8.1's ``nnUNetTrainer.save_checkpoint`` writes, built from the trainer's own pieces.
+
+    Reproduced rather than reused because nnU-Net builds this dict inside ``save_checkpoint`` and passes it straight
+    to ``torch.save`` on the final file name: there is no hook to add our state before the write or to write
+    elsewhere first. ``tests/training/test_checkpoint_atomic.py`` compares it with what nnU-Net itself writes, so an
+    nnU-Net upgrade that changes the dict fails there.
+    """
+    return {
+        "network_weights": unwrap(trainer.network).state_dict(),
+        "optimizer_state": trainer.optimizer.state_dict(),
+        "grad_scaler_state": trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None,
+        "logging": trainer.logger.get_checkpoint(),
+        "_best_ema": trainer._best_ema,
+        "current_epoch": trainer.current_epoch + 1,
+        "init_args": trainer.my_init_kwargs,
+        "trainer_name": trainer.__class__.__name__,
+        "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+    }

@@ -1,13 +1,15 @@
 """``ExtTrainerBase``: the nnU-Net trainer every nnunet-ext trainer derives from.
 
-It adds, without copying any of nnU-Net's method bodies:
+It adds, without copying nnU-Net's method bodies (except the checkpoint dict,
+:func:`~nnunet_ext.compat.nnunet_checkpoint`):
 
 * one training step built from :func:`~nnunet_ext.training.step.optimise_step` (subclasses implement
   :meth:`ExtTrainerBase.compute_loss` and optionally :meth:`ExtTrainerBase.after_optimizer_step`);
 * extra modules (teachers, peer models, heads) built once the network exists and, when trainable, optimised
   together with it;
 * extra per-epoch values in the log and in ``progress.png`` (``extra_log_keys``);
-* extra checkpoint state under the ``nnunet_ext`` key, restored by ``nnUNetv2_train --c``;
+* extra checkpoint state under the ``nnunet_ext`` key, restored by ``nnUNetv2_train --c``; checkpoints are written
+  atomically, and ``--c`` falls back to the newest intact checkpoint if the chosen one is broken;
 * per-dataset method settings read from the plans (``method_settings``);
 * a clear refusal of setups a method does not support (DDP, cascade);
 * multi-GPU (DDP) wiring for the methods that declare ``supports_ddp`` (``docs/ddp.md`` rules R1-R5): extra modules
@@ -27,9 +29,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from torch import nn
 
-from nnunet_ext.compat import unwrap
+from nnunet_ext.compat import nnunet_checkpoint, unwrap
 from nnunet_ext.plans import METHOD_FAMILIES, method_settings
-from nnunet_ext.training.checkpoint import add_extra_state, read_extra_state
+from nnunet_ext.training.checkpoint import (
+    CHECKPOINT_KEY,
+    choose_checkpoint_to_resume,
+    make_extra_payload,
+    write_checkpoint_atomically,
+)
 from nnunet_ext.training.distributed import (
     all_gather_objects,
     average_gradients_,
@@ -260,17 +267,34 @@ class ExtTrainerBase(nnUNetTrainer):
             random.seed(seed)
 
     def save_checkpoint(self, filename: str) -> None:
-        # nnU-Net calls this on every rank; only rank 0 writes. The RNG states of all ranks are gathered first
-        # (a collective, so before any rank-0-only branch) so that --c on the same number of ranks is exact (R5).
+        """nnU-Net's checkpoint plus the ``nnunet_ext`` state, written once and atomically (only rank 0 writes).
+
+        Replaces nnU-Net's ``save_checkpoint`` instead of extending it: nnU-Net writes straight into ``filename``,
+        so a kill during its write or before our state was added left a broken file (see
+        :func:`~nnunet_ext.training.checkpoint.write_checkpoint_atomically`).
+        """
+        # nnU-Net calls this on every rank. The RNG states of all ranks are gathered first (a collective, so before
+        # any rank-0-only branch) so that --c on the same number of ranks is exact (R5).
         rng_per_rank = all_gather_objects([self._rng_state()]) if world_size() > 1 else None
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            state = self.extra_checkpoint_state()
-            if rng_per_rank is not None:
-                state["rng_per_rank"] = rng_per_rank
-            add_extra_state(filename, self.method_family, state)
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        state = self.extra_checkpoint_state()
+        if rng_per_rank is not None:
+            state["rng_per_rank"] = rng_per_rank
+        checkpoint = nnunet_checkpoint(self)
+        checkpoint[CHECKPOINT_KEY] = make_extra_payload(self.method_family, state)
+        write_checkpoint_atomically(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: str) -> None:
+        """nnU-Net's ``load_checkpoint`` plus the ``nnunet_ext`` state.
+
+        If the file is not intact (unreadable, truncated, without our state), the newest intact one of
+        ``checkpoint_final/latest/best.pth`` next to it is loaded instead, with a warning naming both files
+        (:func:`~nnunet_ext.training.checkpoint.choose_checkpoint_to_resume`).
+        """
         if not isinstance(filename_or_checkpoint, str):
             raise TypeError(
                 f"{type(self).__name__}.load_checkpoint takes a checkpoint file path, got "
@@ -279,13 +303,16 @@ class ExtTrainerBase(nnUNetTrainer):
             )
         if not self.was_initialized:
             self.initialize()
-        state = read_extra_state(filename_or_checkpoint, self.method_family)
+        choice = choose_checkpoint_to_resume(filename_or_checkpoint, self.method_family)
+        if choice.warning:
+            self.print_to_log_file(choice.warning)
+        filename, state = choice.filename, choice.state
         if state is not None:
             self.prepare_for_extra_state(state)
-        super().load_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(filename)
         if state is None:
             self.print_to_log_file(
-                f"WARNING: {filename_or_checkpoint} has no nnunet-ext state (written by another trainer?); "
+                f"WARNING: {filename} has no nnunet-ext state (written by another trainer?); "
                 f"network and optimiser were restored, {type(self).__name__}'s extra state starts fresh"
             )
         else:

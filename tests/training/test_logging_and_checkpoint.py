@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
@@ -8,7 +9,12 @@ import pytest
 import torch
 from nnunetv2.training.logging.nnunet_logger import LocalLogger, MetaLogger
 
-from nnunet_ext.training.checkpoint import CHECKPOINT_KEY, add_extra_state, read_extra_state
+from nnunet_ext.training.checkpoint import (
+    CHECKPOINT_KEY,
+    make_extra_payload,
+    read_extra_state,
+    write_checkpoint_atomically,
+)
 from nnunet_ext.training.logging import ExtLocalLogger, log_epoch_values, register_log_keys
 
 
@@ -62,16 +68,51 @@ def test_progress_png_gains_a_panel_with_extra_keys(tmp_path):
 
 def test_extra_state_round_trip_and_errors(tmp_path):
     path = str(tmp_path / "checkpoint.pth")
-    torch.save({"network_weights": {"w": torch.ones(2)}, "current_epoch": 3}, path)
+    checkpoint = {"network_weights": {"w": torch.ones(2)}, "current_epoch": 3}
+    write_checkpoint_atomically(checkpoint, path)
     assert read_extra_state(path, "caml") is None
-    add_extra_state(path, "caml", {"bank": torch.arange(4)})
+    checkpoint[CHECKPOINT_KEY] = make_extra_payload("caml", {"bank": torch.arange(4)})
+    write_checkpoint_atomically(checkpoint, path)
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["current_epoch"] == 3 and checkpoint[CHECKPOINT_KEY]["family"] == "caml"
     assert torch.equal(read_extra_state(path, "caml")["bank"], torch.arange(4))
-    assert not (tmp_path / "checkpoint.pth.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
     with pytest.raises(ValueError, match="family 'caml'"):
         read_extra_state(path, "action")
     checkpoint[CHECKPOINT_KEY]["format"] = 99
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match="format"):
         read_extra_state(path, "caml")
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_latest.pth"
+    write_checkpoint_atomically({"current_epoch": 1}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_checkpoint_atomically({"current_epoch": 2}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pth"]
+    assert torch.load(path, weights_only=False) == {"current_epoch": 1}
+
+
+def test_next_save_removes_temporary_files_of_killed_saves_and_nothing_else(tmp_path):
+    leftovers = ["checkpoint_best.pth.k3j2_x.tmp", "checkpoint_latest.pth.tmp", "checkpoint_final.pth.a1.tmp"]
+    kept = ["checkpoint_best.pth", "notes.tmp", "training_log.txt"]
+    for name in leftovers + kept:
+        (tmp_path / name).write_bytes(b"x")
+    write_checkpoint_atomically({"current_epoch": 1}, tmp_path / "checkpoint_latest.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["checkpoint_latest.pth"])
+
+
+def test_checkpoint_gets_the_usual_permissions_not_a_private_temporary_files(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_checkpoint_atomically({"current_epoch": 1}, tmp_path / "checkpoint_latest.pth")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "checkpoint_latest.pth").stat().st_mode & 0o777 == 0o644
