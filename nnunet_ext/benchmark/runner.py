@@ -742,6 +742,7 @@ def write_outputs(results: dict, output: Path) -> None:
     """``results.json``, ``plots/*.png`` and ``report.md`` (derived files, regenerated on every invocation)."""
     from nnunet_ext.benchmark.plots import plot_dice_bars, plot_training_curves, safe_file_name
     from nnunet_ext.benchmark.report import format_report, summarise
+    from nnunet_ext.benchmark.statistics import segmentation_statistics
 
     plots_dir = output / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -757,5 +758,6 @@ def write_outputs(results: dict, output: Path) -> None:
             plots[f"training curves: {title}"] = str(plot_training_curves(run["training"]["curves"], title, path)
                                                     .relative_to(output))
     results["plots"] = plots
+    results["statistics"] = segmentation_statistics(results["runs"])
     (output / "results.json").write_text(json.dumps(results, indent=2))
     (output / "report.md").write_text(format_report(results))
