@@ -231,3 +231,11 @@ def classification_comparison(runs: Sequence[Mapping], candidate: str, reference
             "pairs": [list(k) for k in differences], "differences": list(differences.values()), **interval,
             "wins": sum(d > 0 for d in differences.values()),
             "wilcoxon": signed_rank_test(list(differences.values())), "verdict": verdict(interval)}
+
+
+def classification_statistics(runs: Sequence[Mapping], candidates: Sequence[str],
+                              references: Mapping[str, str | None]) -> list[dict]:
+    """Every candidate against the reference of each metric (``{metric: trainer}``, e.g. the best baseline), paired
+    over (fold, seed); a metric without a reference is left out. See :func:`classification_comparison`."""
+    return [classification_comparison(runs, candidate, reference, metric) for candidate in candidates
+            for metric, reference in references.items() if reference is not None and reference != candidate]
