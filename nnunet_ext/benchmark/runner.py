@@ -71,6 +71,7 @@ class BenchmarkSettings:
     overwrite: bool = False
     heartbeat_seconds: float = 60.0
     missing_channels: tuple[str, ...] = ()
+    equal_time: bool = False
 
     def __post_init__(self) -> None:
         self.output = Path(self.output).resolve()
@@ -338,6 +339,7 @@ class Run:
     dataset: DatasetInfo
     seed: int
     handles_missing_modalities: bool = False
+    iterations: int | None = None  # training iterations per epoch if not the benchmark's (equal-time runs)
 
     def key(self, settings: BenchmarkSettings) -> str:
         return f"{self.dataset.name}/{self.budget_trainer}__{settings.plans}__{settings.configuration}/" \
@@ -488,7 +490,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
         code = _run_logged(commands["train_measured"], train_env, log, progress, settings)
         if code != 0 or not (fold_dir / "checkpoint_final.pth").is_file():
             return finish(_fail(record, "training", f"nnUNetv2_train exited with code {code}", log))
-    record["training"] = training_record(fold_dir, run_dir, settings.budget.iterations)
+    record["training"] = training_record(fold_dir, run_dir, run.iterations or settings.budget.iterations)
     progress(f"{name}: {record['training']['seconds_per_iteration'] or math.nan:.3f} s/iteration, peak memory "
              f"{record['training']['peak_rss_mb'] or math.nan:.0f} MB")
 
@@ -699,6 +701,13 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     for i, run in enumerate(runs, 1):
         progress(f"run {i}/{len(runs)}: {run.label} [{run.dataset.name}] seed {run.seed}")
         records.append(execute_run(run, settings, plans_files[run.dataset.name], env, train_env, progress))
+    equal_time_plans = None
+    if settings.equal_time:
+        from nnunet_ext.benchmark.equal_time import run_equal_time
+
+        equal_time_records, equal_time_plans = run_equal_time(settings, trainers, records, info,
+                                                              plans_files[info.name], env, train_env, progress)
+        records += equal_time_records
 
     results = {
         "format": RESULTS_FORMAT,
@@ -711,6 +720,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             "upper_bound_dataset_name": None if upper is None else upper.name,
             "test_images": str(info.test_images), "test_labels": str(info.test_labels), "tta": settings.tta,
             "final_validation": settings.final_validation, "missing_channels": list(settings.missing_channels),
+            "equal_time": settings.equal_time,
             "nnUNet_n_proc_DA": train_env.get("nnUNet_n_proc_DA"),
             "extra_trainer_dirs": [str(d) for d in settings.extra_trainer_dirs],
             "output": str(settings.output), "versions": _versions(), "command": " ".join(sys.argv),
@@ -721,6 +731,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         plans_differences(plans_files[info.name], plans_files[upper.name], settings.configuration),
         "excluded_trainers": excluded,
         "runs": records,
+        "equal_time": equal_time_plans,
     }
     write_outputs(results, settings.output)
     failed = [r for r in records if r["status"] != "ok"]
