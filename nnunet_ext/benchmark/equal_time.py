@@ -133,7 +133,7 @@ def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records
                  f"({plan['budget_trainer']})")
         if plan["budget_trainer"] in done:  # the ratio rounds to the benchmark's budget: stock's own run
             record = copy.deepcopy(done[plan["budget_trainer"]])
-            record.update(role=EQUAL_TIME_ROLE, label=label)
+            record.update(role=EQUAL_TIME_ROLE, label=label, equal_time_is_stock_run=True)  # plotted once
         else:
             run = Run(EQUAL_TIME_ROLE, label, STOCK_TRAINER, plan["budget_trainer"], dataset, plan["seed"],
                       iterations=plan["budget"]["iterations"])

@@ -763,7 +763,7 @@ def write_outputs(results: dict, output: Path) -> None:
         plots["Dice per class"] = str(plot_dice_bars(rows, results["labels"], plots_dir / "dice_per_class.png")
                                       .relative_to(output))
     for run in results["runs"]:
-        if run.get("training"):
+        if run.get("training") and not run.get("equal_time_is_stock_run"):
             title = f"{run['label']} [{run['dataset']}] seed {run['seed']}"
             path = plots_dir / f"curves_{safe_file_name(run['dataset'] + '_' + run['budget_trainer'])}.png"
             plots[f"training curves: {title}"] = str(plot_training_curves(run["training"]["curves"], title, path)

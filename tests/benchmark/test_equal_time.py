@@ -171,3 +171,29 @@ def test_equal_time_same_budget_as_stock_reuses_stocks_run(dataset, tmp_path, mo
     assert [_argument(c, "-tr") for c in calls if "train" in c] == ["nnUNetTrainer_e2i4s0", f"{METHOD}_e2i4s0"]
     same_time = next(r for r in results["runs"] if r["role"] == "equal_time")
     assert same_time["budget_trainer"] == "nnUNetTrainer_e2i4s0" and same_time["status"] == "ok"
+    # one curve figure per trained model, stock and the method (the equal-time run is stock's own): no second
+    # title pointing at stock's figure
+    curves = sorted(k for k in results["plots"] if k.startswith("training curves"))
+    assert curves == sorted([f"training curves: {METHOD} [Dataset979_EqualTime] seed 0",
+                             "training curves: nnUNetTrainer [Dataset979_EqualTime] seed 0"])
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--equal-time"], True)])
+def test_command_line_option(monkeypatch, tmp_path, flag, expected):
+    import argparse
+
+    from nnunet_ext.benchmark import commands
+
+    seen = {}
+
+    def fake_benchmark(settings):
+        seen["settings"] = settings
+        (settings.output / "report.md").parent.mkdir(parents=True)
+        (settings.output / "report.md").write_text("report")
+        return {"runs": []}
+
+    monkeypatch.setattr(runner, "run_benchmark", fake_benchmark)
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["benchmark", "-d", "1", "--output", str(tmp_path / "out"), *flag])
+    assert args.func(args) == 0 and seen["settings"].equal_time is expected
