@@ -197,3 +197,23 @@ def test_command_line_option(monkeypatch, tmp_path, flag, expected):
     commands.register(parser.add_subparsers())
     args = parser.parse_args(["benchmark", "-d", "1", "--output", str(tmp_path / "out"), *flag])
     assert args.func(args) == 0 and seen["settings"].equal_time is expected
+
+
+def test_generated_module_holds_the_further_budgets_once(tmp_path):
+    import importlib.util
+
+    from nnunet_ext.benchmark.budget import write_benchmark_trainers
+
+    names = write_benchmark_trainers(tmp_path, ["nnUNetTrainer", METHOD], Budget(2, 3, 1), [0],
+                                     further_budgets=[("nnUNetTrainer", Budget(2, 7, 1), 0),
+                                                      ("nnUNetTrainer", Budget(2, 3, 1), 0)])  # = the stock class
+    assert names == {("nnUNetTrainer", 0): "nnUNetTrainer_e2i3s0", (METHOD, 0): f"{METHOD}_e2i3s0"}
+    source = (tmp_path / "nnunet_ext_budget_trainers.py").read_text()
+    assert source.count("class nnUNetTrainer_e2i3s0(") == 1
+    spec = importlib.util.spec_from_file_location("generated_equal_time_budgets", tmp_path /
+                                                  "nnunet_ext_budget_trainers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.nnUNetTrainer_e2i7s0.__mro__[1].__name__ == "nnUNetTrainer"
+    block = source[source.index("class nnUNetTrainer_e2i7s0("):]
+    assert "self.num_epochs = 2" in block and "self.num_iterations_per_epoch = 7" in block
