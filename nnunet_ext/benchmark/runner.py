@@ -664,6 +664,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     if settings.missing_channels:
         check_missing_channels(info, settings.missing_channels)
     trainers, excluded, needs_unlabeled, handles_missing = _select_trainers(settings, progress)
+    if settings.equal_time and len(trainers) < 2:
+        raise BenchmarkError("--equal-time trains stock nnUNetTrainer for as long as each method trained: name at "
+                             "least one segmentation trainer besides nnUNetTrainer with --trainers")
     settings.output.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     plans_files = {info.name: ensure_plans(info, settings, env, progress)}

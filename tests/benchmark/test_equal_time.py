@@ -217,3 +217,14 @@ def test_generated_module_holds_the_further_budgets_once(tmp_path):
     assert module.nnUNetTrainer_e2i7s0.__mro__[1].__name__ == "nnUNetTrainer"
     block = source[source.index("class nnUNetTrainer_e2i7s0("):]
     assert "self.num_epochs = 2" in block and "self.num_iterations_per_epoch = 7" in block
+
+
+@pytest.mark.parametrize("trainers", [(), ("nnUNetTrainer",)])
+def test_equal_time_without_a_method_is_refused_before_any_run(dataset, tmp_path, monkeypatch, trainers):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(runner, "_run_logged", fake_child(calls))
+    settings = runner.BenchmarkSettings(dataset="979", output=tmp_path / "out", trainers=trainers,
+                                        budget=Budget(2, 4, 1), equal_time=True)
+    with pytest.raises(runner.BenchmarkError, match="--equal-time .* at least one segmentation trainer"):
+        runner.run_benchmark(settings)
+    assert calls == []
