@@ -34,6 +34,7 @@ setup(
         "numpy",
         "pandas",
         "scikit-learn",
+        "scipy",  # t-intervals and the Wilcoxon test of the benchmark statistics (nnunet_ext.benchmark.statistics)
         "matplotlib",
         "medpy>=0.5",  # HD95/ASD in mm for nnunet-ext benchmark (medpy.metric.binary)
     ],

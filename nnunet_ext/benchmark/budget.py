@@ -200,7 +200,8 @@ def write_budget_trainers(folder: str | Path, trainers: list[str], epochs: int, 
 
 def write_benchmark_trainers(folder: str | Path, trainers: Sequence[str], budget: Budget, seeds: Sequence[int],
                              skip_final_validation: bool = True, extra_trainer_dirs: Sequence[str | Path] = (),
-                             class_attributes: Mapping[str, object] | None = None) -> dict[tuple[str, int], str]:
+                             class_attributes: Mapping[str, object] | None = None,
+                             further_budgets: Sequence[tuple[str, Budget, int]] = ()) -> dict[tuple[str, int], str]:
     """Write one subclass per (trainer, seed) with the budget, seeding in ``__init__``.
 
     Args:
@@ -213,6 +214,9 @@ def write_benchmark_trainers(folder: str | Path, trainers: Sequence[str], budget
         extra_trainer_dirs: further folders with trainer files (e.g. the user's own ``nnUNet_extTrainer``).
         class_attributes: class attributes every generated class sets (``{name: literal value}``), e.g.
             ``{"segmentation_validation": False}`` for classification trainers.
+        further_budgets: further ``(trainer, budget, seed)`` classes with their own budget, named
+            ``<trainer>_e{E}i{I}s{S}`` like the others (e.g. the equal-time stock runs); a name that is already
+            among the classes above is written once.
 
     Returns:
         ``{(trainer, seed): generated class name}``.
@@ -222,9 +226,14 @@ def write_benchmark_trainers(folder: str | Path, trainers: Sequence[str], budget
     """
     if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
-    imports = trainer_import_lines(trainers, extra_trainer_dirs)
+    imports = trainer_import_lines([*trainers, *(t for t, _, _ in further_budgets)], extra_trainer_dirs)
     names = {(t, s): budget_trainer_name(t, budget.epochs, budget.iterations, s)
              for t in dict.fromkeys(trainers) for s in seeds}
-    _write_module(folder, imports, [_class_lines(name, t, budget, s, skip_final_validation, class_attributes)
-                                    for (t, s), name in names.items()])
+    blocks = {name: _class_lines(name, t, budget, s, skip_final_validation, class_attributes)
+              for (t, s), name in names.items()}
+    for trainer, further, seed in further_budgets:
+        name = budget_trainer_name(trainer, further.epochs, further.iterations, seed)
+        if name not in blocks:
+            blocks[name] = _class_lines(name, trainer, further, seed, skip_final_validation, class_attributes)
+    _write_module(folder, imports, list(blocks.values()))
     return names

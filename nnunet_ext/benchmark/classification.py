@@ -60,11 +60,13 @@ from nnunet_ext.benchmark.runner import (
     training_environment,
     training_record,
 )
+from nnunet_ext.benchmark.statistics_report import classification_statistics_lines
 from nnunet_ext.benchmark.trainer_info import load_trainer_class
 
 RESULTS_FORMAT = 1
 CLASSIFICATION_TASK = "classification"
 METRICS = ("auc", "balanced_accuracy", "accuracy", "f1_macro")
+STATISTICS_METRICS = ("auc", "balanced_accuracy")  # paired comparisons with intervals and tests
 METRIC_NAMES = {"auc": "macro AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",
                 "f1_macro": "macro F1"}
 VALIDATION_CSV = "validation_cls.csv"
@@ -563,6 +565,19 @@ def paired_differences(runs: Sequence[Mapping], trainer: str, reference: str, me
             "ties": sum(d == 0 for d in diffs)}
 
 
+def paired_statistics(results: Mapping, rows: Sequence[Mapping]) -> list[dict]:
+    """Every non-baseline trainer against the best baseline of AUC and of balanced accuracy, paired over
+    (fold, seed) (:func:`nnunet_ext.benchmark.statistics.classification_statistics`)."""
+    from nnunet_ext.benchmark.statistics import classification_statistics
+
+    references = {}
+    for metric in STATISTICS_METRICS:
+        best = best_baseline(rows, metric)
+        references[metric] = None if best is None else best["trainer"]
+    return classification_statistics(results["runs"], [r["trainer"] for r in rows if not r["baseline"]],
+                                     references)
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _points(delta: Mapping | None) -> str:
     return "—" if delta is None else format_signed(delta["points"])
@@ -603,6 +618,7 @@ def format_report(results: Mapping) -> str:
                      f"Δ AUC {format_mean_std(p, 1)} points, higher in {p['wins']}/{p['n']} runs")
     if paired:
         lines.append("")
+    lines += classification_statistics_lines(paired_statistics(results, rows), METRIC_NAMES)
     if any(row["out_of_fold"]["auc"]["n"] for row in rows):
         lines += ["## Out-of-fold (all validation cases of a seed pooled)", "",
                   "Every benchmarked fold's validation predictions concatenated and evaluated once per seed; mean ± "
@@ -685,6 +701,7 @@ def write_outputs(results: dict, output: Path) -> None:
                                                  .relative_to(output))
     results["plots"] = plots
     results["summary"] = rows
+    results["statistics"] = paired_statistics(results, rows)
     (output / "results.json").write_text(json.dumps(results, indent=2, default=float))
     (output / "report.md").write_text(format_report(results))
 

@@ -17,6 +17,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             final_validation=args.final_validation, tta=args.tta, da_workers=args.da_workers,
             predict_processes=args.predict_processes, overwrite=args.overwrite,
             heartbeat_seconds=args.heartbeat, missing_channels=tuple(args.missing_channels),
+            equal_time=args.equal_time,
         )
         results = run_benchmark(settings)
     except (BenchmarkError, ValueError) as e:
@@ -72,4 +73,8 @@ def register(subparsers) -> None:
                    help="also predict and evaluate the test split without these channels (dataset.json "
                         "channel names): CIML models switch their messages off, every other model gets all-zero "
                         "images (nnunet-ext predict --missing-mode); the report adds a table with the drop")
+    p.add_argument("--equal-time", action="store_true",
+                   help="also train stock nnUNetTrainer, per method and seed, for as long as the method took: same "
+                        "epochs, training iterations per epoch x the method's measured cost ratio (its seconds per "
+                        "iteration / stock's); reported as 'stock, same time (<method>)' with paired statistics")
     p.set_defaults(func=_cmd_benchmark)

@@ -269,7 +269,7 @@ def attach_segmentation_inputs(runs: Iterable[Run], settings: BenchmarkSettings,
         if semi_supervised[run.trainer]:
             training["imagesUnlabeled"] = hashes["imagesUnlabeled"]
         training.update(trainer=run.trainer, budget_trainer=run.budget_trainer, seed=run.seed,
-                        epochs=settings.budget.epochs, iterations=settings.budget.iterations,
+                        epochs=settings.budget.epochs, iterations=run.iterations or settings.budget.iterations,
                         val_iterations=settings.budget.val_iterations, configuration=settings.configuration,
                         plans=settings.plans, fold=settings.fold, device=settings.device,
                         final_validation=settings.final_validation, nnUNet_n_proc_DA=augmentation_workers(settings))

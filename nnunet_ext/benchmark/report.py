@@ -9,9 +9,9 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
-#: A semi-supervised comparison needs room between the labeled-only and the all-labeled stock model.
-MIN_MEANINGFUL_GAP_POINTS = 3.0
-ROLE_ORDER = {"baseline": 0, "method": 1, "upper_bound": 2}
+from nnunet_ext.benchmark.statistics import MIN_MEANINGFUL_GAP_POINTS
+
+ROLE_ORDER = {"baseline": 0, "method": 1, "equal_time": 2, "upper_bound": 3}
 UPPER_BOUND_LABEL = "stock, all labeled"
 
 
@@ -167,7 +167,11 @@ def _run_name(row: Mapping, several_datasets: bool) -> str:
 
 
 def format_report(results: Mapping) -> str:
-    """The Markdown report: settings, quality table, cost table, gap bound, failed runs, how things are measured."""
+    """The Markdown report: settings, quality table, cost table, gap bound, paired statistics, failed runs, how
+    things are measured."""
+    from nnunet_ext.benchmark.statistics import segmentation_statistics
+    from nnunet_ext.benchmark.statistics_report import equal_time_lines, segmentation_statistics_lines
+
     settings, labels = results["settings"], results["labels"]
     label_keys = list(labels)
     rows = summarise(results["runs"], label_keys)
@@ -262,6 +266,8 @@ def format_report(results: Mapping) -> str:
                      + ("here it is." if gap and gap["meaningful"] else
                         "here it is NOT, so differences between semi-supervised trainers and stock nnU-Net on this "
                         "dataset and budget say nothing about the methods."))
+    lines += segmentation_statistics_lines(segmentation_statistics(results["runs"]))
+    lines += equal_time_lines(results.get("equal_time") or [])
 
     failed = [r for r in results["runs"] if r["status"] != "ok"]
     if failed:

@@ -73,6 +73,7 @@ class BenchmarkSettings:
     overwrite: bool = False
     heartbeat_seconds: float = 60.0
     missing_channels: tuple[str, ...] = ()
+    equal_time: bool = False
 
     def __post_init__(self) -> None:
         self.output = Path(self.output).resolve()
@@ -341,6 +342,7 @@ class Run:
     seed: int
     handles_missing_modalities: bool = False
     inputs: dict | None = None  # what each step depends on (nnunet_ext.benchmark.provenance)
+    iterations: int | None = None  # training iterations per epoch if not the benchmark's (equal-time runs)
 
     def key(self, settings: BenchmarkSettings) -> str:
         return f"{self.dataset.name}/{self.budget_trainer}__{settings.plans}__{settings.configuration}/" \
@@ -510,7 +512,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
         if code != 0 or not (fold_dir / "checkpoint_final.pth").is_file():
             return finish(_fail(record, "training", f"nnUNetv2_train exited with code {code}", log))
     record["trained_with"] = None if run.inputs is None else run.inputs["training"]
-    record["training"] = training_record(fold_dir, run_dir, settings.budget.iterations)
+    record["training"] = training_record(fold_dir, run_dir, run.iterations or settings.budget.iterations)
     progress(f"{name}: {record['training']['seconds_per_iteration'] or math.nan:.3f} s/iteration, peak memory "
              f"{record['training']['peak_rss_mb'] or math.nan:.0f} MB")
 
@@ -686,6 +688,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     if settings.missing_channels:
         check_missing_channels(info, settings.missing_channels)
     trainers, excluded, needs_unlabeled, handles_missing = _select_trainers(settings, progress)
+    if settings.equal_time and len(trainers) < 2:
+        raise BenchmarkError("--equal-time trains stock nnUNetTrainer for as long as each method trained: name at "
+                             "least one segmentation trainer besides nnUNetTrainer with --trainers")
     settings.output.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     plans_files = {info.name: ensure_plans(info, settings, env, progress)}
@@ -726,6 +731,13 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     for i, run in enumerate(runs, 1):
         progress(f"run {i}/{len(runs)}: {run.label} [{run.dataset.name}] seed {run.seed}")
         records.append(execute_run(run, settings, plans_files[run.dataset.name], env, train_env, progress))
+    equal_time_plans = None
+    if settings.equal_time:
+        from nnunet_ext.benchmark.equal_time import run_equal_time
+
+        equal_time_records, equal_time_plans = run_equal_time(settings, trainers, records, info,
+                                                              plans_files[info.name], env, train_env, progress)
+        records += equal_time_records
 
     results = {
         "format": RESULTS_FORMAT,
@@ -738,6 +750,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             "upper_bound_dataset_name": None if upper is None else upper.name,
             "test_images": str(info.test_images), "test_labels": str(info.test_labels), "tta": settings.tta,
             "final_validation": settings.final_validation, "missing_channels": list(settings.missing_channels),
+            "equal_time": settings.equal_time,
             "nnUNet_n_proc_DA": train_env.get("nnUNet_n_proc_DA"),
             "extra_trainer_dirs": [str(d) for d in settings.extra_trainer_dirs],
             "output": str(settings.output), "versions": _versions(), "command": " ".join(sys.argv),
@@ -748,6 +761,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         plans_differences(plans_files[info.name], plans_files[upper.name], settings.configuration),
         "excluded_trainers": excluded,
         "runs": records,
+        "equal_time": equal_time_plans,
     }
     write_outputs(results, settings.output)
     failed = [r for r in records if r["status"] != "ok"]
@@ -769,6 +783,7 @@ def write_outputs(results: dict, output: Path) -> None:
     """``results.json``, ``plots/*.png`` and ``report.md`` (derived files, regenerated on every invocation)."""
     from nnunet_ext.benchmark.plots import plot_dice_bars, plot_training_curves, safe_file_name
     from nnunet_ext.benchmark.report import format_report, summarise
+    from nnunet_ext.benchmark.statistics import segmentation_statistics
 
     plots_dir = output / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -778,11 +793,12 @@ def write_outputs(results: dict, output: Path) -> None:
         plots["Dice per class"] = str(plot_dice_bars(rows, results["labels"], plots_dir / "dice_per_class.png")
                                       .relative_to(output))
     for run in results["runs"]:
-        if run.get("training"):
+        if run.get("training") and not run.get("equal_time_is_stock_run"):
             title = f"{run['label']} [{run['dataset']}] seed {run['seed']}"
             path = plots_dir / f"curves_{safe_file_name(run['dataset'] + '_' + run['budget_trainer'])}.png"
             plots[f"training curves: {title}"] = str(plot_training_curves(run["training"]["curves"], title, path)
                                                     .relative_to(output))
     results["plots"] = plots
+    results["statistics"] = segmentation_statistics(results["runs"])
     (output / "results.json").write_text(json.dumps(results, indent=2))
     (output / "report.md").write_text(format_report(results))

@@ -311,3 +311,46 @@ def test_paired_differences_and_failed_runs():
     assert rows["B"]["delta"]["auc"] == {"baseline": "B", "points": 0.0}  # the best baseline is the reference
     assert rows["B"]["paired_auc"] is None
     assert paired_differences(runs, "A", "missing", "auc") is None
+
+
+def _report_results(runs: list[dict], trainers: list[str], baselines: list[str]) -> dict:
+    results = _results(runs, trainers, baselines)
+    results["settings"].update(
+        dataset_name=NAME, configuration="2d", plans=PLANS, device="cpu", nnUNet_n_proc_DA="0", batch_size=4,
+        budget={"epochs": 2, "iterations": 2, "val_iterations": 1}, budget_source="given", folds=[0, 1, 2],
+        seeds=[0, 1], classes=["a", "b"], versions={}, command="nnunet-ext benchmark-cls", test=False)
+    results.update(created="now", n_test_cases=0)
+    return results
+
+
+@pytest.mark.parametrize("a_aucs, verdict", [
+    ([0.90, 0.91, 0.92, 0.90, 0.93, 0.91], "better than B (95 % interval above 0)"),
+    ([0.70, 0.71, 0.72, 0.70, 0.73, 0.71], "worse than B (95 % interval below 0)"),
+    ([0.90, 0.70, 0.85, 0.75, 0.80, 0.80], "not distinguishable from B (95 % interval contains 0)"),
+])
+def test_report_paired_statistics_over_folds_and_seeds(a_aucs, verdict):
+    from scipy import stats
+
+    from nnunet_ext.benchmark.classification import format_report, paired_statistics
+
+    pairs = [(f, s) for s in (0, 1) for f in (0, 1, 2)]
+    runs = [_record("A", f, s, auc, bacc=0.6) for (f, s), auc in zip(pairs, a_aucs)]
+    runs += [_record("B", f, s, 0.80, bacc=0.6) for f, s in pairs]
+    results = _report_results(runs, ["A", "B"], ["B"])
+    auc, bacc = paired_statistics(results, summarise(results))
+    assert (auc["candidate"], auc["reference"], auc["metric"], auc["n"]) == ("A", "B", "auc", 6)
+    differences = [100 * (v - 0.8) for v in a_aucs]
+    assert auc["mean"] == pytest.approx(np.mean(differences))
+    assert auc["wilcoxon"]["p_value"] == pytest.approx(stats.wilcoxon(differences).pvalue)
+    assert bacc["metric"] == "balanced_accuracy" and bacc["differences"] == [0.0] * 6 and bacc["wins"] == 0
+    report = format_report(results)
+    assert f"- **A**, macro AUC: {verdict}." in report
+    assert "- **A**, balanced accuracy: not distinguishable from B (95 % interval contains 0)." in report
+    assert "| A | balanced accuracy | B | 6 | 0.0 [0.0, 0.0] | 0/6 | 1 (n = 6) |" in report
+
+
+def test_report_one_fold_one_seed_is_an_observation():
+    from nnunet_ext.benchmark.classification import format_report
+
+    results = _report_results([_record("A", 0, 0, 0.9), _record("B", 0, 0, 0.8)], ["A", "B"], ["B"])
+    assert "- **A**, macro AUC: one run (fold, seed): an observation, not a result." in format_report(results)

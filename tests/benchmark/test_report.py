@@ -215,3 +215,76 @@ def test_report_table_without_a_channel():
 
 def test_report_has_no_missing_section_without_the_option(runs):
     assert "at inference" not in format_report(make_results(runs))
+
+
+def _with_cases(run, case_dice):
+    """Add per-case Dice (one value per case for both classes) so the Wilcoxon test has pairs."""
+    run["evaluation"]["per_case"] = [{"case": f"ts_{i}", "metrics": {"1": {"Dice": d}, "2": {"Dice": d}}}
+                                     for i, d in enumerate(case_dice)]
+    return run
+
+
+@pytest.mark.parametrize("method_dice, verdict", [
+    ((0.62, 0.63, 0.64), "better than stock (95 % interval above 0)"),
+    ((0.58, 0.57, 0.56), "worse than stock (95 % interval below 0)"),
+    ((0.65, 0.55, 0.61), "not distinguishable from stock (95 % interval contains 0)"),
+])
+def test_report_paired_statistics_and_verdicts(method_dice, verdict):
+    from scipy import stats
+
+    runs = []
+    for seed, dice in enumerate(method_dice):
+        runs.append(_with_cases(make_run("baseline", "nnUNetTrainer", seed, dice=(0.5, 0.7)), (0.55, 0.6, 0.65)))
+        runs.append(_with_cases(make_run("method", "M", seed, dice=(dice - 0.1, dice + 0.1)),
+                                (dice - 0.05, dice, dice + 0.05)))
+    report = format_report(make_results(runs, upper=False))
+    assert "## Paired comparisons" in report and f"- **M** vs stock: {verdict}." in report
+    differences = [100 * (d - 0.6) for d in method_dice]
+    p_value = stats.wilcoxon([100 * (d + o - s) for d in method_dice
+                              for o, s in zip((-0.05, 0, 0.05), (0.55, 0.6, 0.65))]).pvalue
+    row = next(line for line in report.splitlines() if line.startswith("| M | stock |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "3" and cells[3] == ", ".join(format_signed(d) for d in differences)
+    assert cells[5] == f"{sum(d > 0 for d in differences)}/3" and cells[6] == f"{p_value:.3g} (n = 9)"
+    assert cells[7] == "—"  # no upper bound, no share of the gap
+
+
+def test_report_statistics_with_one_seed_and_the_gap_share(runs):
+    report = format_report(make_results(runs))
+    # seed 0 only (seed 1 of the method failed): +20 points; the gap of seed 0 is 10 points -> 200 %
+    assert "| ExtSmokeTrainer | stock | 1 | +20.0 | +20.0 | 1/1 | — | 200 % |" in report
+    assert "- **ExtSmokeTrainer** vs stock: one seed: an observation, not a result." in report
+
+
+def test_report_statistics_say_when_the_gap_is_too_small():
+    runs = [make_run(role, label, seed, dice=dice, dataset=dataset) for seed in (0, 1) for role, label, dice, dataset
+            in [("baseline", "nnUNetTrainer", (0.5, 0.7), "Dataset992_Bench"), ("method", "M", (0.51, 0.71),
+                                                                                  "Dataset992_Bench"),
+                ("upper_bound", "stock, all labeled", (0.52, 0.72), "Dataset993_BenchAll")]]
+    report = format_report(make_results(runs))
+    assert "gap bound 2.0 < 3 Dice points, so this semi-supervised comparison is not meaningful." in report
+    assert "| M | stock | 2 | +1.0, +1.0 | +1.0 [+1.0, +1.0] | 2/2 | — | 50 % [50, 50 %] |" in report
+
+
+def test_report_equal_time_rows_and_comparison():
+    runs = [make_run("baseline", "nnUNetTrainer", 0, dice=(0.5, 0.7), s_it=1.0),
+            make_run("method", "M", 0, dice=(0.6, 0.8), s_it=2.0),
+            make_run("equal_time", "stock, same time (M)", 0, dice=(0.55, 0.75), s_it=1.0)]
+    runs[-1]["equal_time"] = {"method": "M"}
+    results = make_results(runs, upper=False)
+    results["equal_time"] = [{"method": "M", "seed": 0, "cost_ratio": 2.0, "budget": {"epochs": 2, "iterations": 4},
+                              "budget_trainer": "nnUNetTrainer_e2i4s0", "skipped": None}]
+    report = format_report(results)
+    assert "| stock, same time (M) | 1/1 | 0.550 | 0.750 | 0.650 | +0.050 |" in report
+    assert "| M | stock, same time (M) | 1 | +5.0 | +5.0 | 1/1 | — | — |" in report
+    assert "- **M** vs stock, same time (M): one seed: an observation, not a result." in report
+    assert "| M | 0 | 2.00 | 2 x 4 | `nnUNetTrainer_e2i4s0` |  |" in report
+
+
+def test_write_outputs_keeps_the_statistics_in_results_json(runs, tmp_path):
+    import json
+
+    write_outputs(make_results(runs), tmp_path)
+    (entry,) = json.loads((tmp_path / "results.json").read_text())["statistics"]
+    assert entry["candidate"] == "ExtSmokeTrainer" and entry["reference"] == "stock"
+    assert entry["differences"] == pytest.approx([20.0]) and entry["verdict"] == "one pair"
