@@ -110,5 +110,5 @@ def test_configure_errors_are_messages_not_tracebacks(tmp_path):
     (tmp_path / "Dataset001_X").mkdir()
     out = subprocess.run([console_script("nnunet-ext"), "configure", "caml", "-d", "Dataset001_X"], env=env,
                          capture_output=True, text=True)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "Traceback" not in out.stderr and "plan the dataset first" in out.stderr, out.stderr
