@@ -90,7 +90,7 @@ def test_help_documents_every_command():
 
 
 def test_doctor_reports_each_trainer(tmp_path):
-    env = {**os.environ, "nnUNet_raw": str(tmp_path)}
+    env = {**os.environ, **{var: str(tmp_path) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
     out = subprocess.run([console_script("nnunet-ext"), "doctor"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "nnunetv2 2.8" in out.stdout
