@@ -16,6 +16,17 @@ DATASET_JSON = {"channel_names": {"0": "FLAIR", "1": "T1c"}, "labels": {"backgro
                 "numTraining": 0, "file_ending": ".nii.gz"}
 
 
+# --config files written into the test folder as <name>.json
+SETTINGS_FILES = {
+    "list": [1, 2],
+    "stages": {"message_stages": [0, 9]},
+    "action_mixing": {"mixing": "mixup"},
+    "action_stages": {"stage_epochs": [10, -1, 10]},
+    "action_typo": {"lambda_ancoo": 0.1},
+    "action_ok": {"mixing": "cutmix", "stage_epochs": [1, 1, 2], "saacl_weight": 0.02},
+}
+
+
 def _plans() -> dict:
     """Plans with one 3d_fullres configuration whose network has 3 stages (0..2)."""
     return {"dataset_name": DATASET, "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1, 1],
@@ -66,8 +77,8 @@ def root(tmp_path, monkeypatch) -> Path:
         (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"never loaded: the checks come first")
         (model / "fold_1").mkdir()  # a fold without checkpoint
     (tmp_path / "not_json.json").write_text('{"beta": 0.1,\n "subtasks": }')
-    _write_json(tmp_path / "list.json", [1, 2])
-    _write_json(tmp_path / "stages.json", {"message_stages": [0, 9]})
+    for name, settings in SETTINGS_FILES.items():
+        _write_json(tmp_path / f"{name}.json", settings)
     (tmp_path / "existing.csv").write_text("case_id,prediction\n")
     (tmp_path / "predictions.csv").write_text("case,prediction\nx,1\n")
     (tmp_path / "labels.csv").write_text("case_id,label\nx,1\n")
@@ -99,6 +110,12 @@ CASES = [
     (["configure", "ciml", "-d", "990", "--config", "{root}/stages.json"], (),
      "configuration '3d_fullres': message_stages [0, 9] name stage(s) [9], but the plan's network has only stages "
      "0..2"),
+    (["configure", "action", "-d", "990", "--config", "{root}/action_mixing.json"], (),
+     "ACTION setting mixing='mixup' in the ACTION settings for nnUNetPlans_ACTION: expected one of"),
+    (["configure", "action", "-d", "990", "--config", "{root}/action_stages.json"], (),
+     "stage_epochs must be three non-negative integers with a positive sum"),
+    (["configure", "action", "-d", "990", "--config", "{root}/action_typo.json"], (),
+     "unknown setting(s) ['lambda_ancoo']"),
     (["configure", "ciml", "-d", "991"], (), "dataset 991: no folder Dataset991_*"),
     (["configure", "caml", "-d", "990", "-p", "NoPlans"], (), "NoPlans.json not found"),
     (["configure", "ciml", "-d", "990", "-o", "nnUNetPlans_EXISTING"], (), "exists; pass --overwrite"),
@@ -144,6 +161,12 @@ def test_configure_accepts_message_stages_the_network_has(root):
     assert cli.main(["configure", "ciml", "-d", "990", "--config", str(root / "ok.json")]) == 0
     written = json.loads((root / "nnunet/nnUNet_preprocessed" / DATASET / "nnUNetPlans_CIML.json").read_text())
     assert written["nnunet_ext"]["ciml"]["message_stages"] == [1, 2]
+
+
+def test_configure_action_stores_valid_action_and_action_plus_plus_settings(root):
+    assert cli.main(["configure", "action", "-d", "990", "--config", str(root / "action_ok.json")]) == 0
+    written = json.loads((root / "nnunet/nnUNet_preprocessed" / DATASET / "nnUNetPlans_ACTION.json").read_text())
+    assert written["nnunet_ext"]["action"] == SETTINGS_FILES["action_ok"]
 
 
 @pytest.mark.parametrize("variable", ["nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"])
