@@ -19,6 +19,11 @@ from nnunet_ext.errors import InputError
 #: nnU-Net's folder variables (documentation/setting_up_paths.md).
 NNUNET_FOLDER_VARIABLES: tuple[str, ...] = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
+#: What puts a dataset into each folder, for the error message when it is not there.
+_HOW_TO_FILL = {"nnUNet_raw": "convert it first (nnunet-ext convert, or nnU-Net's dataset format)",
+                "nnUNet_preprocessed": "plan it first (nnunet-ext plan -d ID)",
+                "nnUNet_results": "train a model first (nnUNetv2_train)"}
+
 
 def require_nnunet_folder(variable: str) -> str:
     """The folder an nnU-Net path variable names (read now, not at import time).
@@ -69,7 +74,7 @@ def require_dataset(dataset: str | int, variable: str) -> str:
     name = dataset_name(dataset)
     folder = os.path.join(base, name)
     if not os.path.isdir(folder):
-        raise InputError(f"dataset {dataset}: {folder} does not exist ({variable})")
+        raise InputError(f"dataset {dataset}: {folder} does not exist; {_HOW_TO_FILL.get(variable, variable)}")
     return folder
 
 

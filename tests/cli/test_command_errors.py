@@ -68,6 +68,9 @@ def root(tmp_path, monkeypatch) -> Path:
     _write_json(preprocessed / "dataset.json", DATASET_JSON)
     _write_json(preprocessed / "nnUNetPlans.json", _plans())
     _write_json(preprocessed / "nnUNetPlans_EXISTING.json", _plans())
+    _write_json(folders["nnUNet_raw"] / "Dataset992_RawOnly" / "dataset.json", DATASET_JSON)  # not planned
+    (folders["nnUNet_raw"] / "Dataset993_Old").mkdir()  # one ID, two names: nnU-Net cannot tell which is meant
+    (folders["nnUNet_preprocessed"] / "Dataset993_New").mkdir()
     results = folders["nnUNet_results"] / DATASET
     for trainer in ("CIMLTrainer", "CFCMLTrainer"):
         model = results / f"{trainer}__nnUNetPlans__3d_fullres"
@@ -99,7 +102,9 @@ CASES = [
     (["plan", "-d", "990", "-pl", "NoSuchPlanner", "--no_pp"], (), "Unknown planner 'NoSuchPlanner'"),
     (["plan", "-d", "990", "--no_pp"], ("nnUNet_raw",), "nnUNet_raw is not set"),
     (["preprocess-unlabeled", "-d", "991"], (), "dataset 991: no folder Dataset991_*"),
+    (["plan", "-d", "993", "--no_pp"], (), "dataset 993: several names ['Dataset993_New', 'Dataset993_Old']"),
     (["preprocess-unlabeled", "-d", "990"], ("nnUNet_preprocessed",), "nnUNet_preprocessed is not set"),
+    (["preprocess-unlabeled", "-d", "992"], (), "Dataset992_RawOnly does not exist; plan it first"),
     (["preprocess-unlabeled", "-d", "990", "-p", "NoPlans"], (), "NoPlans.json not found"),
     (["preprocess-unlabeled", "-d", "990", "-c", "2d"], (), "configuration(s) ['2d'] not in plans file"),
     (["configure", "ciml", "-d", "990", "--config", "{root}/missing.json"], (), "--config file {root}/missing.json "
@@ -117,6 +122,7 @@ CASES = [
     (["configure", "action", "-d", "990", "--config", "{root}/action_typo.json"], (),
      "unknown setting(s) ['lambda_ancoo']"),
     (["configure", "ciml", "-d", "991"], (), "dataset 991: no folder Dataset991_*"),
+    (["configure", "ciml", "-d", "992"], (), "Dataset992_RawOnly does not exist; plan it first"),
     (["configure", "caml", "-d", "990", "-p", "NoPlans"], (), "NoPlans.json not found"),
     (["configure", "ciml", "-d", "990", "-o", "nnUNetPlans_EXISTING"], (), "exists; pass --overwrite"),
     (["configure", "ciml", "-d", "990", "-o", "nnUNetPlans"], (), "need their own identifier"),
