@@ -150,7 +150,6 @@ def _cmd_configure(args: argparse.Namespace) -> int:
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from nnunet_ext.conversion.synthetic import write_demo_dataset
-
     from nnunet_ext.errors import InputError
 
     try:

@@ -62,7 +62,7 @@ def group_case_files(input_folder: str | os.PathLike, file_ending: str, num_chan
         absent = [c for c in range(num_channels) if c not in channels and c not in optional_channels]
         if absent:
             raise MissingCaseFileError(f"case {case!r} lacks channel file(s) "
-                                    f"{[f'{case}_{c:04d}{file_ending}' for c in absent]} in {input_folder}")
+                                       f"{[f'{case}_{c:04d}{file_ending}' for c in absent]} in {input_folder}")
     return cases
 
 
