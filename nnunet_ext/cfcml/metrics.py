@@ -90,6 +90,9 @@ def read_predictions_csv(path: str | os.PathLike) -> tuple[list[str], list[str],
     """``(case_ids, classes, probabilities [N, K])`` of a ``predict-cls`` / ``validation_cls.csv`` file.
 
     Class columns are the ``prob_<class>`` columns, in file order.
+
+    Raises:
+        InputError: no case_id or prob_<class> column, or a probability cell that is not a number.
     """
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -98,8 +101,14 @@ def read_predictions_csv(path: str | os.PathLike) -> tuple[list[str], list[str],
             raise InputError(f"{path}: expected columns case_id and prob_<class>, got {reader.fieldnames}")
         rows = list(reader)
     cases = [r["case_id"] for r in rows]
-    probabilities = np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64).reshape(-1,
-                                                                                                         len(columns))
+    values = []
+    for line_number, row in enumerate(rows, start=2):
+        try:
+            values.append([float(row[c]) for c in columns])
+        except (TypeError, ValueError):  # a short row (None) or a non-number
+            raise InputError(f"{path} line {line_number} (case {row['case_id']!r}): expected a number in every "
+                             f"prob_<class> column, got {[row[c] for c in columns]}") from None
+    probabilities = np.array(values, dtype=np.float64).reshape(-1, len(columns))
     return cases, [c[len("prob_"):] for c in columns], probabilities
 
 
@@ -111,13 +120,18 @@ def evaluate_predictions_csv(predictions_csv: str | os.PathLike, labels_csv: str
     (for integer classes) the same integers.
 
     Raises:
-        InputError: a predictions file without case_id/prob_<class> columns, cases without a label, or labels
-            that are not among the predicted classes.
+        InputError: a predictions file without case_id/prob_<class> columns or with a non-number probability, a
+            labels file without the id or label column, cases without a label, or labels that are not among the
+            predicted classes.
     """
     from nnunet_ext.cfcml.tabular import _label_key, read_csv_rows
 
     cases, classes, probabilities = read_predictions_csv(predictions_csv)
-    _, rows = read_csv_rows(labels_csv)
+    header, rows = read_csv_rows(labels_csv)
+    absent = [c for c in (id_column, label_column) if c not in header]
+    if absent:
+        raise InputError(f"{labels_csv}: column(s) {absent} not found; expected {id_column} and {label_column} in "
+                         f"the header {header}")
     labels = {r[id_column]: _label_key(r[label_column]) for r in rows if r.get(label_column, "").strip()}
     missing = [c for c in cases if c not in labels]
     if missing:

@@ -85,6 +85,9 @@ def root(tmp_path, monkeypatch) -> Path:
     (tmp_path / "existing.csv").write_text("case_id,prediction\n")
     (tmp_path / "predictions.csv").write_text("case,prediction\nx,1\n")
     (tmp_path / "labels.csv").write_text("case_id,label\nx,1\n")
+    (tmp_path / "bad_probabilities.csv").write_text("case_id,prediction,prob_0,prob_1\nx,1,0.2,high\n")
+    (tmp_path / "good_probabilities.csv").write_text("case_id,prediction,prob_0,prob_1\nx,1,0.2,0.8\n")
+    (tmp_path / "no_label_column.csv").write_text("case_id,diagnosis\nx,1\n")
     (tmp_path / "demo" / "Dataset990_NNExtDemo").mkdir(parents=True)
     return tmp_path
 
@@ -140,6 +143,10 @@ CASES = [
     (["evaluate-cls", "{root}/missing.csv", "{root}/labels.csv"], (), "predictions CSV {root}/missing.csv: file "
                                                                       "not found"),
     (["evaluate-cls", "{root}/predictions.csv", "{root}/labels.csv"], (), "expected columns case_id and prob_"),
+    (["evaluate-cls", "{root}/bad_probabilities.csv", "{root}/labels.csv"], (),
+     "bad_probabilities.csv line 2 (case 'x'): expected a number in every prob_<class> column, got ['0.2', 'high']"),
+    (["evaluate-cls", "{root}/good_probabilities.csv", "{root}/no_label_column.csv"], (),
+     "no_label_column.csv: column(s) ['label'] not found"),
     (["demo-data", "-o", "{root}/demo"], (), "Dataset990_NNExtDemo exists; pass --overwrite to replace it"),
     (["benchmark", "-d", "990", "--epochs", "0", "--output", "{root}/bench"], (), "budget must be positive"),
     (["benchmark-cls", "-d", "990", "--trainers", "A", "--baseline", "B", "--output", "{root}/bench"], (),
