@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     from nnunet_ext import __version__
     from nnunet_ext.discovery import ENV_VAR, ext_trainer_path, shipped_trainer_names, trainers_dir
+    from nnunet_ext.inputs import NNUNET_FOLDER_VARIABLES
 
     try:
         from importlib.metadata import version
@@ -54,14 +54,19 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"nnunet-ext {__version__} | nnunetv2 {nnunet_version} ({os.path.dirname(nnunetv2.__file__)}) | "
           f"torch {torch.__version__} | Python {platform.python_version()}")
     print(f"CUDA available: {torch.cuda.is_available()}")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", ENV_VAR):
+    for var in (*NNUNET_FOLDER_VARIABLES, ENV_VAR):
         value = os.environ.get(var)
         print(f"{var:20s} {value if value is not None else 'NOT SET'}")
+    unset = [var for var in NNUNET_FOLDER_VARIABLES if not os.environ.get(var)]
+    if unset:
+        # nnUNetv2_train / nnUNetv2_predict cannot run without them, so this is a problem, not a note
+        print(f"PROBLEM: {', '.join(unset)} not set; nnU-Net needs all of {', '.join(NNUNET_FOLDER_VARIABLES)} "
+              f"(see nnU-Net's documentation/setting_up_paths.md)")
     ours = str(trainers_dir())
     if ours not in (os.environ.get(ENV_VAR) or "").split(os.pathsep):
         print(f"WARNING: {ENV_VAR} does not contain {ours}; run: eval \"$(nnunet-ext env)\" before "
               f"nnUNetv2_train AND nnUNetv2_predict")
-    problems = 0
+    problems = len(unset)
     names = shipped_trainer_names()
     if not names:
         print(f"No trainer classes in {ours} yet.")
@@ -99,8 +104,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess_unlabeled(args: argparse.Namespace) -> int:
+    from nnunet_ext.inputs import require_dataset, require_plans
     from nnunet_ext.ssl.unlabeled_preprocessing import preprocess_unlabeled
 
+    # the dataset, plans and configurations first, each with a one-line message (the image checks follow inside)
+    require_dataset(args.d, "nnUNet_raw")
+    require_plans(require_dataset(args.d, "nnUNet_preprocessed"), args.p, args.c)
     folders = preprocess_unlabeled(args.d, configurations=args.c, plans_identifier=args.p, num_processes=args.np,
                                    overwrite=args.overwrite, verbose=args.verbose)
     for folder in folders:
@@ -109,33 +118,44 @@ def _cmd_preprocess_unlabeled(args: argparse.Namespace) -> int:
 
 
 def _cmd_configure(args: argparse.Namespace) -> int:
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
+    from nnunet_ext.errors import InputError
+    from nnunet_ext.inputs import load_json_file, require_dataset, require_plans
     from nnunet_ext.plans import write_derived_plans
 
-    settings = {}
-    if args.config is not None:
-        with open(args.config) as f:
-            settings = json.load(f)
+    settings = {} if args.config is None else load_json_file(args.config, "--config file")
     if not isinstance(settings, dict):
-        raise SystemExit(f"{args.config}: expected a JSON object with {args.method} settings")
-    folder = os.path.join(nnUNet_preprocessed.require(), maybe_convert_to_dataset_name(args.d))
+        raise InputError(f"--config file {args.config}: expected a JSON object with {args.method} settings, got "
+                         f"{type(settings).__name__}")
+    folder = require_dataset(args.d, "nnUNet_preprocessed")
+    require_plans(folder, args.p)
     target = args.o or f"{args.p}_{args.method.upper()}"
+    if target == args.p:
+        raise InputError(f"-o {target}: the derived plans need their own identifier; the source plans -p are never "
+                         f"modified")
+    target_file = os.path.join(folder, target + ".json")
+    if os.path.exists(target_file) and not args.overwrite:
+        raise InputError(f"{target_file} exists; pass --overwrite to replace it")
+    where = f"--config file {args.config}" if args.config else f"the default {args.method} settings"
     try:
         path = write_derived_plans(folder, args.p, target, args.method, settings, overwrite=args.overwrite)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as error:
-        # bad settings, unknown keys, missing source plans, existing target: the message says what and where
+    except InputError:  # already names its file (e.g. CFCML's tabular.csv)
+        raise
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        # the method's deriver validates the settings (and finds sidecar files) before anything is written
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise SystemExit(f"nnunet-ext configure {args.method}: {message}") from None
+        raise InputError(f"{where}: {message}") from error
     print(f"Wrote {path}  (train with: nnUNetv2_train {args.d} CONFIG FOLD -tr <Trainer> -p {target})")
     return 0
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from nnunet_ext.conversion.synthetic import write_demo_dataset
+    from nnunet_ext.errors import InputError
 
-    path = write_demo_dataset(args.o, dataset_id=args.d, seed=args.seed, overwrite=args.overwrite)
+    try:
+        path = write_demo_dataset(args.o, dataset_id=args.d, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as error:  # raised before anything is written; the message names the folder
+        raise InputError(str(error).replace("overwrite=True (--overwrite)", "--overwrite")) from None
     print(f"Demo dataset written to {path}")
     return 0
 

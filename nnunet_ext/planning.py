@@ -15,6 +15,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from os.path import isfile, join
 
+from nnunet_ext.errors import InputError
+from nnunet_ext.inputs import require_dataset, require_nnunet_folder
+
 #: Configurations preprocessed when none are given; the same default as ``nnUNetv2_plan_and_preprocess``.
 #: Configurations that the planner did not create (e.g. ``3d_lowres`` for small images) are skipped by nnU-Net.
 DEFAULT_CONFIGURATIONS: tuple[str, ...] = ("2d", "3d_fullres", "3d_lowres")
@@ -75,7 +78,7 @@ def find_planner_class(name: str) -> type:
         The planner class (a subclass of nnU-Net's ``ExperimentPlanner``).
 
     Raises:
-        ValueError: If no planner of that name exists; the message lists the available names.
+        InputError: If no planner of that name exists; the message lists the available names.
     """
     for module in _iter_package_planner_modules():
         candidate = getattr(module, name, None)
@@ -90,7 +93,7 @@ def find_planner_class(name: str) -> type:
                                             current_module="nnunetv2.experiment_planning")
     if _is_planner_class(candidate):
         return candidate
-    raise ValueError(f"Unknown planner {name!r}. Available planners: {', '.join(available_planners())}")
+    raise InputError(f"Unknown planner {name!r}. Available planners: {', '.join(available_planners())}")
 
 
 @contextmanager
@@ -109,7 +112,7 @@ def _positive_n_proc_da() -> Iterator[None]:
     try:
         value = int(original)
     except ValueError as error:
-        raise ValueError(f"{variable} must be an integer, got {original!r}") from error
+        raise InputError(f"{variable} must be an integer, got {original!r}") from error
     if value > 0:
         yield
         return
@@ -118,13 +121,6 @@ def _positive_n_proc_da() -> Iterator[None]:
         yield
     finally:
         os.environ[variable] = original
-
-
-def _require_nnunet_paths() -> None:
-    missing = [variable for variable in ("nnUNet_raw", "nnUNet_preprocessed") if not os.environ.get(variable)]
-    if missing:
-        raise RuntimeError(f"Planning needs the environment variable(s) {', '.join(missing)}; "
-                           "see nnU-Net's documentation/setting_up_paths.md.")
 
 
 def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: Sequence[str] | None = None,
@@ -158,17 +154,19 @@ def plan_dataset(dataset_id: int, planner: str = "CPUPlanner", configurations: S
         The plans identifier, i.e. the value for ``nnUNetv2_train -p``.
 
     Raises:
-        ValueError: If the planner name is unknown or ``nnUNet_n_proc_DA`` is not an integer.
-        RuntimeError: If ``nnUNet_raw`` or ``nnUNet_preprocessed`` is not set.
+        InputError: before any work, if the planner name is unknown, ``nnUNet_raw`` or ``nnUNet_preprocessed`` is
+            not set, the dataset is not in ``nnUNet_raw``, the target spacing is invalid or ``nnUNet_n_proc_DA``
+            is not an integer.
     """
     planner_class = find_planner_class(planner)
-    _require_nnunet_paths()
     target_spacing = None
     if overwrite_target_spacing is not None:
         target_spacing = [float(value) for value in overwrite_target_spacing]
         if len(target_spacing) != 3 or min(target_spacing) <= 0:
-            raise ValueError(f"overwrite_target_spacing must be three positive spacings (z, y, x in mm), "
+            raise InputError(f"overwrite_target_spacing must be three positive spacings (z, y, x in mm), "
                              f"got {list(overwrite_target_spacing)}")
+    require_nnunet_folder("nnUNet_preprocessed")
+    require_dataset(dataset_id, "nnUNet_raw")
 
     from nnunetv2.experiment_planning import plan_and_preprocess_api
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as verify

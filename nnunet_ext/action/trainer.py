@@ -44,8 +44,8 @@ from nnunet_ext.action.schedules import (
     stage_of_epoch,
     stage_starts,
 )
+from nnunet_ext.action.settings import validate_action_settings
 from nnunet_ext.action.views import (
-    MIXING_MODES,
     StudentPerturbation,
     classmix_keep_mask,
     cutmix_keep_mask,
@@ -173,8 +173,8 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
                 f"{type(self).__name__} needs mutually exclusive labels (softmax classes), but dataset.json defines "
                 f"regions. Train a region dataset with nnUNetTrainer or convert it to labels."
             )
-        if self.mixing is not None and self.mixing not in MIXING_MODES:
-            raise ValueError(f"mixing must be one of {MIXING_MODES} or None, got {self.mixing!r}")
+        validate_action_settings({name: getattr(self, name) for name in self.setting_names},
+                                 f"{type(self).__name__} (class attributes and plans {self.plans_manager.plans_name})")
 
     @property
     def spatial_dims(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_ext.discovery import shipped_trainers
+from nnunet_ext.errors import InputError
 
 BUDGET_MODULE = "nnunet_ext_budget_trainers.py"
 STOCK_TRAINER = "nnUNetTrainer"
@@ -37,7 +38,7 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.iterations < 1 or self.val_iterations < 1:
-            raise ValueError(f"budget must be positive, got epochs={self.epochs}, iterations={self.iterations}, "
+            raise InputError(f"budget must be positive, got epochs={self.epochs}, iterations={self.iterations}, "
                              f"val_iterations={self.val_iterations}")
 
 
@@ -128,7 +129,7 @@ def trainer_import_lines(trainers: Sequence[str], extra_trainer_dirs: Sequence[s
         else:
             module = _builtin_trainer_module(trainer)
             if module is None:
-                raise ValueError(f"unknown trainer {trainer!r}; known: {STOCK_TRAINER} and nnU-Net's trainers, "
+                raise InputError(f"unknown trainer {trainer!r}; known: {STOCK_TRAINER} and nnU-Net's trainers, "
                                  f"{sorted(shipped)}" + (f", {sorted(extra)}" if extra else ""))
             lines.append(f"from {module} import {trainer}")
     return lines
@@ -225,7 +226,7 @@ def write_benchmark_trainers(folder: str | Path, trainers: Sequence[str], budget
         ValueError: unknown trainer, non-integer or duplicate seed (nothing is written then).
     """
     if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+        raise InputError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
     imports = trainer_import_lines([*trainers, *(t for t, _, _ in further_budgets)], extra_trainer_dirs)
     names = {(t, s): budget_trainer_name(t, budget.epochs, budget.iterations, s)
              for t in dict.fromkeys(trainers) for s in seeds}

@@ -791,18 +791,14 @@ def run_classification_benchmark(settings: ClassificationBenchmarkSettings) -> d
 
 # ---------------------------------------------------------------------------------------------- command line
 def _cmd_benchmark_cls(args: argparse.Namespace) -> int:
-    try:
-        settings = ClassificationBenchmarkSettings(
-            dataset=args.d, output=args.output, trainers=tuple(args.trainers), baselines=tuple(args.baseline or ()),
-            configuration=args.c, plans=args.p, folds=tuple(args.f), seeds=tuple(args.seeds), epochs=args.epochs,
-            iterations=args.iterations, val_iterations=args.val_iterations, test=args.test, device=args.device,
-            extra_trainer_dirs=tuple(args.trainer_dirs), da_workers=args.da_workers,
-            segmentation_validation=args.segmentation_validation, overwrite=args.overwrite,
-            heartbeat_seconds=args.heartbeat)
-        results = run_classification_benchmark(settings)
-    except (BenchmarkError, ValueError) as e:
-        print(f"nnunet-ext benchmark-cls: error: {e}")
-        return 2
+    settings = ClassificationBenchmarkSettings(
+        dataset=args.d, output=args.output, trainers=tuple(args.trainers), baselines=tuple(args.baseline or ()),
+        configuration=args.c, plans=args.p, folds=tuple(args.f), seeds=tuple(args.seeds), epochs=args.epochs,
+        iterations=args.iterations, val_iterations=args.val_iterations, test=args.test, device=args.device,
+        extra_trainer_dirs=tuple(args.trainer_dirs), da_workers=args.da_workers,
+        segmentation_validation=args.segmentation_validation, overwrite=args.overwrite,
+        heartbeat_seconds=args.heartbeat)
+    results = run_classification_benchmark(settings)  # bad input raises BenchmarkError before any run starts
     print()
     print((settings.output / "report.md").read_text())
     failed = [r for r in results["runs"] + results["test"] if r["status"] != "ok"]

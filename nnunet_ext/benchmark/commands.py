@@ -6,23 +6,19 @@ import argparse
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from nnunet_ext.benchmark.budget import Budget
-    from nnunet_ext.benchmark.runner import BenchmarkError, BenchmarkSettings, run_benchmark
+    from nnunet_ext.benchmark.runner import BenchmarkSettings, run_benchmark
 
-    try:
-        settings = BenchmarkSettings(
-            dataset=args.d, output=args.output, trainers=tuple(args.trainers), configuration=args.c, plans=args.p,
-            budget=Budget(args.epochs, args.iterations, args.val_iterations), seeds=tuple(args.seeds),
-            fold=args.f, device=args.device, upper_bound_dataset=args.upper_bound_dataset,
-            extra_trainer_dirs=tuple(args.trainer_dirs), planner=args.planner,
-            final_validation=args.final_validation, tta=args.tta, da_workers=args.da_workers,
-            predict_processes=args.predict_processes, overwrite=args.overwrite,
-            heartbeat_seconds=args.heartbeat, missing_channels=tuple(args.missing_channels),
-            equal_time=args.equal_time,
-        )
-        results = run_benchmark(settings)
-    except (BenchmarkError, ValueError) as e:
-        print(f"nnunet-ext benchmark: error: {e}")
-        return 2
+    settings = BenchmarkSettings(
+        dataset=args.d, output=args.output, trainers=tuple(args.trainers), configuration=args.c, plans=args.p,
+        budget=Budget(args.epochs, args.iterations, args.val_iterations), seeds=tuple(args.seeds),
+        fold=args.f, device=args.device, upper_bound_dataset=args.upper_bound_dataset,
+        extra_trainer_dirs=tuple(args.trainer_dirs), planner=args.planner,
+        final_validation=args.final_validation, tta=args.tta, da_workers=args.da_workers,
+        predict_processes=args.predict_processes, overwrite=args.overwrite,
+        heartbeat_seconds=args.heartbeat, missing_channels=tuple(args.missing_channels),
+        equal_time=args.equal_time,
+    )
+    results = run_benchmark(settings)  # bad input raises BenchmarkError before any run starts
     print()
     print((settings.output / "report.md").read_text())
     return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1

@@ -31,7 +31,13 @@ def tabular_warnings_as_lines(prefix: str) -> Iterator[None]:
 
 def _cmd_predict_cls(args: argparse.Namespace) -> int:
     from nnunet_ext.cfcml.predict import predict_classification
+    from nnunet_ext.inputs import require_input_file, require_input_folder, require_model_folder, require_new_file
 
+    require_input_folder(args.i, "-i")
+    if args.t is not None:
+        require_input_file(args.t, "-t")
+    require_new_file(args.o, "-o")
+    require_model_folder(args.d, args.tr, args.p, args.c, args.f, args.chk)
     with tabular_warnings_as_lines("nnunet-ext predict-cls"):
         path = predict_classification(args.i, args.t, args.o, args.d, args.c, args.f, trainer=args.tr, plans=args.p,
                                       checkpoint_name=args.chk, device=args.device,
@@ -43,7 +49,10 @@ def _cmd_predict_cls(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
     from nnunet_ext.cfcml.metrics import evaluate_predictions_csv
+    from nnunet_ext.inputs import require_input_file
 
+    require_input_file(args.predictions, "predictions CSV")
+    require_input_file(args.labels, "labels CSV")
     metrics = evaluate_predictions_csv(args.predictions, args.labels)
     text = json.dumps(metrics, indent=2, default=float)
     if args.o:

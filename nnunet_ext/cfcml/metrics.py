@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_ext.errors import InputError
+
 
 def classification_metrics(y_true: Sequence[int] | np.ndarray, probabilities: np.ndarray,
                            classes: Sequence[str]) -> dict[str, Any]:
@@ -88,16 +90,25 @@ def read_predictions_csv(path: str | os.PathLike) -> tuple[list[str], list[str],
     """``(case_ids, classes, probabilities [N, K])`` of a ``predict-cls`` / ``validation_cls.csv`` file.
 
     Class columns are the ``prob_<class>`` columns, in file order.
+
+    Raises:
+        InputError: no case_id or prob_<class> column, or a probability cell that is not a number.
     """
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c for c in (reader.fieldnames or []) if c.startswith("prob_")]
         if "case_id" not in (reader.fieldnames or []) or not columns:
-            raise ValueError(f"{path}: expected columns case_id and prob_<class>, got {reader.fieldnames}")
+            raise InputError(f"{path}: expected columns case_id and prob_<class>, got {reader.fieldnames}")
         rows = list(reader)
     cases = [r["case_id"] for r in rows]
-    probabilities = np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64).reshape(-1,
-                                                                                                         len(columns))
+    values = []
+    for line_number, row in enumerate(rows, start=2):
+        try:
+            values.append([float(row[c]) for c in columns])
+        except (TypeError, ValueError):  # a short row (None) or a non-number
+            raise InputError(f"{path} line {line_number} (case {row['case_id']!r}): expected a number in every "
+                             f"prob_<class> column, got {[row[c] for c in columns]}") from None
+    probabilities = np.array(values, dtype=np.float64).reshape(-1, len(columns))
     return cases, [c[len("prob_"):] for c in columns], probabilities
 
 
@@ -109,19 +120,25 @@ def evaluate_predictions_csv(predictions_csv: str | os.PathLike, labels_csv: str
     (for integer classes) the same integers.
 
     Raises:
-        ValueError: cases without a label, or labels that are not among the predicted classes.
+        InputError: a predictions file without case_id/prob_<class> columns or with a non-number probability, a
+            labels file without the id or label column, cases without a label, or labels that are not among the
+            predicted classes.
     """
     from nnunet_ext.cfcml.tabular import _label_key, read_csv_rows
 
     cases, classes, probabilities = read_predictions_csv(predictions_csv)
-    _, rows = read_csv_rows(labels_csv)
+    header, rows = read_csv_rows(labels_csv)
+    absent = [c for c in (id_column, label_column) if c not in header]
+    if absent:
+        raise InputError(f"{labels_csv}: column(s) {absent} not found; expected {id_column} and {label_column} in "
+                         f"the header {header}")
     labels = {r[id_column]: _label_key(r[label_column]) for r in rows if r.get(label_column, "").strip()}
     missing = [c for c in cases if c not in labels]
     if missing:
-        raise ValueError(f"{labels_csv}: no label for predicted case(s) {missing[:20]}")
+        raise InputError(f"{labels_csv}: no label for predicted case(s) {missing[:20]}")
     unknown = sorted({labels[c] for c in cases} - set(classes))
     if unknown:
-        raise ValueError(f"{labels_csv}: label(s) {unknown} are not among the predicted classes {classes}")
+        raise InputError(f"{labels_csv}: label(s) {unknown} are not among the predicted classes {classes}")
     y_true = np.array([classes.index(labels[c]) for c in cases])
     return classification_metrics(y_true, probabilities, classes)
 

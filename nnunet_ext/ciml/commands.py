@@ -21,10 +21,18 @@ def _folds(values: list[str] | None) -> list[int | str] | None:
     return None if values is None else [v if v == "all" else int(v) for v in values]
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from nnunet_ext.ciml.predict import model_folder, predict_folder
+def _model_folder(args: argparse.Namespace) -> str:
+    """The trained model folder of ``-d -c -tr -p`` with ``-chk`` in every fold ``-f``, checked before any work."""
+    from nnunet_ext.inputs import require_input_folder, require_model_folder
 
-    cases = predict_folder(args.i, args.o, model_folder(args.d, args.c, args.tr, args.p), _folds(args.f),
+    require_input_folder(args.i, "-i")
+    return require_model_folder(args.d, args.tr, args.p, args.c, _folds(args.f), args.chk)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from nnunet_ext.ciml.predict import predict_folder
+
+    cases = predict_folder(args.i, args.o, _model_folder(args), _folds(args.f),
                            missing=args.missing or (), checkpoint_name=args.chk, device=args.device,
                            use_mirroring=not args.disable_tta, tile_step_size=args.step_size,
                            num_processes_preprocessing=args.npp, num_processes_export=args.nps,
@@ -36,9 +44,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from nnunet_ext.ciml.explain import explain_folder
-    from nnunet_ext.ciml.predict import model_folder
 
-    path = explain_folder(args.i, args.o, model_folder(args.d, args.c, args.tr, args.p), _folds(args.f),
+    path = explain_folder(args.i, args.o, _model_folder(args), _folds(args.f),
                           checkpoint_name=args.chk, device=args.device, tile_step_size=args.step_size)
     print(f"Message maps and overlays in {args.o}; contributions table {path}")
     return 0

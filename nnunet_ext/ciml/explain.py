@@ -30,6 +30,7 @@ from torch import nn
 
 from nnunet_ext.ciml.network import CIMLNet, upsample_to
 from nnunet_ext.ciml.predict import group_case_files, load_predictor
+from nnunet_ext.errors import InputError
 
 MAP_KINDS = ("attention", "magnitude", "kl")
 
@@ -162,7 +163,7 @@ def explain_folder(input_folder: str, output_folder: str, folder: str, folds: Se
     """Write maps, overlays and ``contributions.csv`` for every case in ``input_folder``; returns the CSV path.
 
     Raises:
-        ValueError: the model is not a CIML model, or it has no messages (e.g. ``CIMLTrainer_noMessages``).
+        InputError: the model is not a CIML model, or it has no messages (e.g. ``CIMLTrainer_noMessages``).
     """
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
@@ -170,9 +171,9 @@ def explain_folder(input_folder: str, output_folder: str, folder: str, folds: Se
                                tile_step_size=tile_step_size)
     network = predictor.network
     if not isinstance(getattr(network, "pair_names", None), list):
-        raise ValueError(f"explain needs a CIML model; this one builds {type(network).__name__}")
+        raise InputError(f"explain needs a CIML model; this one builds {type(network).__name__}")
     if not network.pair_names:
-        raise ValueError("this CIML model has no messages (noMessages variant or no auxiliary modalities); "
+        raise InputError("this CIML model has no messages (noMessages variant or no auxiliary modalities); "
                          "there is nothing to explain")
     network.load_state_dict(predictor.list_of_parameters[0])
     network.eval()

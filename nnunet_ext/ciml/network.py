@@ -35,6 +35,7 @@ from torch import nn
 
 from nnunet_ext.ciml.decomposition import MessageConfig, SubtaskSpec, effective_settings, validate_resolved
 from nnunet_ext.ciml.vib import gaussian_kl, kl_density
+from nnunet_ext.errors import InputError
 
 
 class VariationalMessageEncoder(nn.Module):
@@ -226,15 +227,15 @@ class CIMLNet(nn.Module):
         """Switch off every message from these senders (inference without them; nnU-Net issue #513).
 
         Raises:
-            ValueError: a modality is the primary of a subtask (its branch cannot run without it) or out of range.
+            InputError: a modality is the primary of a subtask (its branch cannot run without it) or out of range.
         """
         missing = frozenset(int(m) for m in modalities)
         for m in missing:
             if not 0 <= m < self.num_modalities:
-                raise ValueError(f"missing modality {m} out of range 0..{self.num_modalities - 1}")
+                raise InputError(f"missing modality {m} out of range 0..{self.num_modalities - 1}")
             primaries = [s.name for s in self.subtasks if s.primary == m]
             if primaries:
-                raise ValueError(f"modality {self.modality_names[m]!r} is the primary modality of subtask(s) "
+                raise InputError(f"modality {self.modality_names[m]!r} is the primary modality of subtask(s) "
                                  f"{primaries}; a missing primary modality cannot be compensated")
         self.missing_modalities = missing
 

@@ -21,8 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ext.errors import InputError
+
 #: How a missing modality is handled, see the module docstring.
 MISSING_MODES = ("messages-off", "zero-fill")
+
+
+class MissingCaseFileError(InputError, FileNotFoundError):
+    """An input folder without case files, or a case without a required channel file (bad input, not a bug)."""
 
 
 def ensure_trainer_lookup() -> None:
@@ -32,24 +38,13 @@ def ensure_trainer_lookup() -> None:
     os.environ[ENV_VAR] = ext_trainer_path(os.environ.get(ENV_VAR))
 
 
-def model_folder(dataset: str | int, configuration: str, trainer: str, plans: str = "nnUNetPlans") -> str:
-    """``nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``; FileNotFoundError if absent."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-    folder = get_output_folder(maybe_convert_to_dataset_name(dataset), trainer, plans, configuration)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no trained model in {folder} (check -d, -c, -tr and -p)")
-    return folder
-
-
 def group_case_files(input_folder: str | os.PathLike, file_ending: str, num_channels: int,
                      optional_channels: Sequence[int] = ()) -> dict[str, dict[int, str]]:
     """``{case: {channel: file}}`` for files named ``<case>_<XXXX><file_ending>`` (nnU-Net's naming).
 
     Raises:
-        FileNotFoundError: no case files, or a case lacks a required channel (named in the message).
-        ValueError: a channel index beyond the dataset's channels.
+        MissingCaseFileError: no case files, or a case lacks a required channel (named in the message).
+        InputError: a channel index beyond the dataset's channels.
     """
     pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(file_ending) + r"$")
     cases: dict[str, dict[int, str]] = {}
@@ -58,16 +53,16 @@ def group_case_files(input_folder: str | os.PathLike, file_ending: str, num_chan
         if match:
             channel = int(match.group(2))
             if channel >= num_channels:
-                raise ValueError(f"{name}: channel {channel:04d} does not exist; the model has {num_channels} "
+                raise InputError(f"{name}: channel {channel:04d} does not exist; the model has {num_channels} "
                                  f"channels (_0000.._{num_channels - 1:04d})")
             cases.setdefault(match.group(1), {})[channel] = os.path.join(input_folder, name)
     if not cases:
-        raise FileNotFoundError(f"no files named <case>_<XXXX>{file_ending} in {input_folder}")
+        raise MissingCaseFileError(f"no files named <case>_<XXXX>{file_ending} in {input_folder}")
     for case, channels in cases.items():
         absent = [c for c in range(num_channels) if c not in channels and c not in optional_channels]
         if absent:
-            raise FileNotFoundError(f"case {case!r} lacks channel file(s) "
-                                    f"{[f'{case}_{c:04d}{file_ending}' for c in absent]} in {input_folder}")
+            raise MissingCaseFileError(f"case {case!r} lacks channel file(s) "
+                                       f"{[f'{case}_{c:04d}{file_ending}' for c in absent]} in {input_folder}")
     return cases
 
 
@@ -75,7 +70,7 @@ def resolve_modalities(refs: Sequence[str | int], channel_names: dict[str, str])
     """Channel indices for names (``channel_names`` values, case-insensitive) or indices.
 
     Raises:
-        ValueError: naming the unknown modality and the known ones.
+        InputError: naming the unknown modality and the known ones.
     """
     names = [channel_names[k] for k in sorted(channel_names, key=int)]
     out = []
@@ -86,7 +81,7 @@ def resolve_modalities(refs: Sequence[str | int], channel_names: dict[str, str])
             continue
         matches = [i for i, n in enumerate(names) if n.lower() == text.lower()]
         if len(matches) != 1:
-            raise ValueError(f"unknown or ambiguous modality {ref!r}; the model's channels are {names} "
+            raise InputError(f"unknown or ambiguous modality {ref!r}; the model's channels are {names} "
                              f"(names or indices 0..{len(names) - 1})")
         out.append(matches[0])
     return sorted(set(out))
@@ -138,27 +133,30 @@ def predict_folder(input_folder: str, output_folder: str, folder: str, folds: Se
         missing_mode: one of :data:`MISSING_MODES` (module docstring).
 
     Raises:
-        ValueError: an unknown mode or modality; with ``"messages-off"``, a primary modality or a model that is not
-            a CIML model.
-        FileNotFoundError: a case lacks a channel that is not declared missing.
+        InputError: an unknown mode or modality, or every channel missing; with ``"messages-off"``, a primary
+            modality or a model that is not a CIML model. Raised before anything is written.
+        MissingCaseFileError: a case lacks a channel that is not declared missing.
     """
+    from nnunet_ext.inputs import load_json_file
+
     if missing_mode not in MISSING_MODES:
-        raise ValueError(f"missing_mode must be one of {MISSING_MODES}, got {missing_mode!r}")
-    predictor = load_predictor(folder, folds, checkpoint_name, device, use_mirroring, tile_step_size)
-    dataset_json = predictor.dataset_json
+        raise InputError(f"missing_mode must be one of {MISSING_MODES}, got {missing_mode!r}")
+    # the model's dataset.json (what the predictor will load) decides channels and file names: checked first
+    dataset_json = load_json_file(os.path.join(folder, "dataset.json"), "model dataset file")
     num_channels = len(dataset_json["channel_names"])
     missing_idx = resolve_modalities(missing, dataset_json["channel_names"]) if missing else []
     if len(missing_idx) == num_channels:
-        raise ValueError(f"every input channel is declared missing ({missing}); at least one must be present")
+        raise InputError(f"every input channel is declared missing ({missing}); at least one must be present")
+    file_ending = dataset_json["file_ending"]
+    cases = group_case_files(input_folder, file_ending, num_channels, optional_channels=missing_idx)
+    predictor = load_predictor(folder, folds, checkpoint_name, device, use_mirroring, tile_step_size)
     if missing_idx and missing_mode == "messages-off":
         network = predictor.network
         if not hasattr(network, "set_missing_modalities"):
-            raise ValueError(f"switching messages off needs a CIML model; {predictor.trainer_name or 'this model'} "
+            raise InputError(f"switching messages off needs a CIML model; {predictor.trainer_name or 'this model'} "
                              f"builds {type(network).__name__}. Use --missing-mode zero-fill to feed all-zero "
                              f"images for the missing channels instead")
         network.set_missing_modalities(missing_idx)
-    file_ending = dataset_json["file_ending"]
-    cases = group_case_files(input_folder, file_ending, num_channels, optional_channels=missing_idx)
     os.makedirs(output_folder, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ciml_missing_") as tmp:
         lists = fill_missing_channels(cases, missing_idx, num_channels,

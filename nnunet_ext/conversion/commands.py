@@ -53,18 +53,16 @@ def _label_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace, convert: Callable[[], Path]) -> int:
-    """Run ``convert`` and turn input errors into a one-line message and exit code 2."""
+    """Run ``convert``, printing its warnings as one line each; bad input reaches ``nnunet-ext`` as InputError."""
     from nnunet_ext.conversion.common import ConversionError, ConversionWarning
-    from nnunet_ext.conversion.splits import SplitError
 
     prefix = f"nnunet-ext convert {args.layout}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConversionWarning)
         try:
             folder = convert()
-        except (ConversionError, SplitError, FileExistsError) as e:
-            print(f"{prefix}: error: {e}")
-            return 2
+        except FileExistsError as e:  # an existing output dataset (raised before anything is written)
+            raise ConversionError(str(e)) from None
         finally:  # one readable line per warning instead of Python's file:line format
             for w in caught:
                 kind = "" if issubclass(w.category, ConversionWarning) else f"{w.category.__name__}: "

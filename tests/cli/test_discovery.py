@@ -90,7 +90,7 @@ def test_help_documents_every_command():
 
 
 def test_doctor_reports_each_trainer(tmp_path):
-    env = {**os.environ, "nnUNet_raw": str(tmp_path)}
+    env = {**os.environ, **{var: str(tmp_path) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
     out = subprocess.run([console_script("nnunet-ext"), "doctor"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "nnunetv2 2.8" in out.stdout
@@ -110,5 +110,5 @@ def test_configure_errors_are_messages_not_tracebacks(tmp_path):
     (tmp_path / "Dataset001_X").mkdir()
     out = subprocess.run([console_script("nnunet-ext"), "configure", "caml", "-d", "Dataset001_X"], env=env,
                          capture_output=True, text=True)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "Traceback" not in out.stderr and "plan the dataset first" in out.stderr, out.stderr

@@ -91,7 +91,7 @@ def test_folders_cli_refuses_overwrite(hippo_cli):
     folder, cmd, _ = hippo_cli
     before = (folder / "split.json").read_text()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "exists; pass --overwrite" in result.stdout
+    assert result.returncode == 2 and "exists; pass --overwrite" in result.stderr
     assert (folder / "split.json").read_text() == before
 
 
