@@ -66,6 +66,20 @@ def derive_plans(plans: dict, target_identifier: str, method: str, settings: Map
     return derived
 
 
+def derive_validated_plans(plans: dict, target_identifier: str, method: str, settings: Mapping[str, Any],
+                           defaults: Mapping[str, Any], validate: Callable[[dict[str, Any], str], None]) -> dict:
+    """:func:`derive_plans` storing only the user's ``settings``, after checking them merged into ``defaults``
+    with ``validate(merged, where)``, so that a typo or a bad value fails at configure time, not at training start.
+
+    Raises:
+        KeyError: unknown setting names.
+        ValueError: invalid values (as raised by ``validate``).
+    """
+    where = f"the {method.upper()} settings for {target_identifier}"
+    validate(merge_settings(defaults, settings, where), where)
+    return derive_plans(plans, target_identifier, method, dict(settings))
+
+
 # What a method's own ``nnunet_ext.<method>.configure.derive_plans`` receives: the source plans (a dict to copy, not
 # to modify), the target identifier, the user's settings and the dataset's nnUNet_preprocessed folder (for
 # dataset.json, sidecar files, splits). It validates and resolves the settings and returns the derived plans.

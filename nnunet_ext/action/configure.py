@@ -10,8 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nnunet_ext.action.settings import validate_action_settings
-from nnunet_ext.plans import derive_plans as derive_method_plans
-from nnunet_ext.plans import merge_settings
+from nnunet_ext.plans import derive_validated_plans
 
 
 def action_defaults() -> dict[str, Any]:
@@ -29,6 +28,5 @@ def derive_plans(plans: dict, target_identifier: str, settings: Mapping[str, Any
         KeyError: unknown setting names.
         ValueError: invalid values.
     """
-    where = f"the ACTION settings for {target_identifier}"
-    validate_action_settings(merge_settings(action_defaults(), settings, where), where)
-    return derive_method_plans(plans, target_identifier, "action", dict(settings))
+    return derive_validated_plans(plans, target_identifier, "action", settings, action_defaults(),
+                                  validate_action_settings)

@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nnunet_ext.caml.settings import CAML_DEFAULTS, validate_caml_settings
-from nnunet_ext.plans import derive_plans as derive_method_plans
-from nnunet_ext.plans import merge_settings
+from nnunet_ext.plans import derive_validated_plans
 
 
 def derive_plans(plans: dict, target_identifier: str, settings: Mapping[str, Any],
@@ -21,6 +20,4 @@ def derive_plans(plans: dict, target_identifier: str, settings: Mapping[str, Any
         KeyError: unknown setting names.
         ValueError: invalid values.
     """
-    where = f"the CAML settings for {target_identifier}"
-    validate_caml_settings(merge_settings(CAML_DEFAULTS, settings, where), where)
-    return derive_method_plans(plans, target_identifier, "caml", dict(settings))
+    return derive_validated_plans(plans, target_identifier, "caml", settings, CAML_DEFAULTS, validate_caml_settings)
