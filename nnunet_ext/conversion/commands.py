@@ -44,7 +44,8 @@ def _add_lists(p: argparse.ArgumentParser) -> None:
 def _add_labeled_order(p: argparse.ArgumentParser, papers: str) -> None:
     p.add_argument("--labeled-order", choices=("random", "list"), default="random",
                    help=f"which training cases keep their label with --labeled N: drawn at random (--seed; default) "
-                        f"or the first N of train.list ({papers} label these: use 'list' to reproduce their splits)")
+                        f"or the first N of train.list (the cases labelled by {papers}: 'list' reproduces their "
+                        f"splits)")
 
 
 def _split_kwargs(args: argparse.Namespace) -> dict:

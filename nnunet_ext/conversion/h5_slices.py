@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ext.conversion.common import ConversionError
+from nnunet_ext.conversion.common import ConversionError, warn
 from nnunet_ext.conversion.volumes import VolumeCase
 
 SLICE_FILE = re.compile(r"^(?P<case>.+)_slice_(?P<index>\d+)\.h5$")
@@ -40,6 +40,9 @@ def check_contiguous(case_id: str, slices: Mapping[int, Path]) -> list[Path]:
         raise ConversionError(f"case {case_id}: slice file(s) {[f'{case_id}_slice_{i}.h5' for i in missing[:5]]} "
                               f"are missing in {folder} (found slices {indexes[0]}..{indexes[-1]}); the volume "
                               f"cannot be rebuilt")
+    if indexes[0] != 0:  # SSL4MIS numbers slices from 0: a stack starting later has probably lost its first ones
+        warn(f"case {case_id}: the first slice file is {case_id}_slice_{indexes[0]}.h5 (not _slice_0); the rebuilt "
+             f"volume starts there")
     return [slices[i] for i in indexes]
 
 

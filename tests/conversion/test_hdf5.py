@@ -235,3 +235,24 @@ def test_ssl4mis_acdc_random_draw_by_patient_and_missing_slice(ssl4mis_acdc_root
     with pytest.raises(ConversionError, match=r"case patient004_frame01: slice file\(s\) "
                                               r"\['patient004_frame01_slice_2.h5'\] are missing"):
         convert_acdc_h5(broken, 29, "ACDC", (1.5, 1.5, 10.0), tmp_path / "raw")
+
+
+@pytest.mark.parametrize("indexes, ordered, problem", [
+    ((2, 0, 1), (0, 1, 2), None),
+    ((3, 1, 2), (1, 2, 3), "the first slice file is c_slice_1.h5"),
+    ((0, 1, 3), None, r"slice file\(s\) \['c_slice_2.h5'\] are missing"),
+])
+def test_slice_stack_order_and_gaps(tmp_path, indexes, ordered, problem):
+    from nnunet_ext.conversion.common import ConversionWarning
+    from nnunet_ext.conversion.h5_slices import check_contiguous
+
+    slices = {k: tmp_path / f"c_slice_{k}.h5" for k in indexes}
+    if ordered is None:
+        with pytest.raises(ConversionError, match=problem):
+            check_contiguous("c", slices)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConversionWarning)
+        assert check_contiguous("c", slices) == [slices[k] for k in ordered]
+    messages = [str(w.message) for w in caught]
+    assert (messages == []) if problem is None else any(problem in m for m in messages)
