@@ -211,8 +211,11 @@ def make_split(labelled_cases: Sequence[str], *, labeled: CountRequest | str | N
                      "seed": previous.get("seed", seed)})
         info["labeled_request"] = labeled_request.describe() if labeled_request else "as in split file"
         info["test_request"] = "as in split file"
-        return Split(labeled=sorted(labeled_cases), unlabeled=sorted(set(pool) - set(labeled_cases)),
-                     test=test_cases, unlabeled_only=sorted(unlabeled_only), info=info)
+        split = Split(labeled=sorted(labeled_cases), unlabeled=sorted(set(pool) - set(labeled_cases)),
+                      test=test_cases, unlabeled_only=sorted(unlabeled_only), info=info)
+        if groups is not None:
+            _record_groups(split, groups, group_name)
+        return split
 
     # With ``groups`` every choice is made over groups (patients), so no group is split between parts.
     unit_of = dict(groups) if groups is not None else {c: c for c in cases}
@@ -271,13 +274,27 @@ def make_split(labelled_cases: Sequence[str], *, labeled: CountRequest | str | N
         labeled_units = stratified_choice(pool_units, n_labeled, rng, unit_strata)
     labeled_cases = sorted(c for c in pool_in_order if unit_of[c] in set(labeled_units))
     info["labeled_order"] = labeled_order
+    split = Split(labeled=labeled_cases, unlabeled=sorted(set(pool_in_order) - set(labeled_cases)),
+                  test=sorted(test_cases), unlabeled_only=sorted(unlabeled_only), info=info)
     if groups is not None:
-        info["grouped_by"] = group_name
-        info.update({f"{part}_{group_name}s": sorted(units) for part, units in (
-            ("labeled", labeled_units), ("unlabeled", set(pool_units) - set(labeled_units)),
-            ("test", test_units))})
-    return Split(labeled=labeled_cases, unlabeled=sorted(set(pool_in_order) - set(labeled_cases)),
-                 test=sorted(test_cases), unlabeled_only=sorted(unlabeled_only), info=info)
+        _record_groups(split, unit_of, group_name)
+    return split
+
+
+def _record_groups(split: Split, groups: Mapping[str, str], group_name: str) -> None:
+    """Add ``grouped_by`` and ``<part>_<group_name>s`` (sorted group names per part) to ``split.info``.
+
+    Raises:
+        SplitError: a group has cases in two parts (e.g. a split file that separates a patient's frames).
+    """
+    parts = {part: sorted({groups[c] for c in getattr(split, part)}) for part in ("labeled", "unlabeled", "test")}
+    for first, second in (("labeled", "unlabeled"), ("labeled", "test"), ("unlabeled", "test")):
+        shared = sorted(set(parts[first]) & set(parts[second]))
+        if shared:
+            raise SplitError(f"{group_name}(s) {shared[:10]} have cases in both {first} and {second}; all cases "
+                             f"of a {group_name} must stay together")
+    split.info["grouped_by"] = group_name
+    split.info.update({f"{part}_{group_name}s": names for part, names in parts.items()})
 
 
 def load_split_file(path: str | Path) -> dict:

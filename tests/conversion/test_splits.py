@@ -198,3 +198,14 @@ def test_labeled_order_list_with_split_file_rejected():
     previous = make_split(CASES, test="5").to_json()
     with pytest.raises(SplitError, match="--labeled-order list cannot be combined with --split-file"):
         make_split(CASES, previous=previous, labeled_order="list")
+
+
+def test_split_file_reuse_records_patients_and_keeps_them_together():
+    kwargs = {"groups": PATIENT_OF, "group_name": "patient"}
+    first = make_split(PATIENT_FRAMES, labeled="2", test="2", seed=1, **kwargs)
+    again = make_split(PATIENT_FRAMES, previous=first.to_json(), **kwargs)
+    assert again.info["labeled_patients"] == first.info["labeled_patients"]
+    assert again.info["test_patients"] == first.info["test_patients"]
+    separated = dict(first.to_json(), labeled=first.labeled[1:], unlabeled=first.unlabeled + first.labeled[:1])
+    with pytest.raises(SplitError, match=r"patient\(s\) \['patient\d+'\] have cases in both labeled and unlabeled"):
+        make_split(PATIENT_FRAMES, previous=separated, **kwargs)
