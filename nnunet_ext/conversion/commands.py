@@ -41,6 +41,13 @@ def _add_lists(p: argparse.ArgumentParser) -> None:
                    help="ignore the source's split files and split at random (--test, --seed)")
 
 
+def _add_labeled_order(p: argparse.ArgumentParser, papers: str) -> None:
+    p.add_argument("--labeled-order", choices=("random", "list"), default="random",
+                   help=f"which training cases keep their label with --labeled N: drawn at random (--seed; default) "
+                        f"or the first N of train.list (the cases labelled by {papers}: 'list' reproduces their "
+                        f"splits)")
+
+
 def _split_kwargs(args: argparse.Namespace) -> dict:
     return {"labeled": args.labeled, "test": args.test, "seed": args.seed, "split_file": args.split_file,
             "overwrite": args.overwrite}
@@ -95,7 +102,7 @@ def _cmd_h5(args: argparse.Namespace) -> int:
         args.source, args.d, args.name, args.spacing, args.o, h5_name=args.h5_name, axis_order=args.axis_order,
         image_key=args.image_key, label_key=args.label_key, channel_name=args.channel_name,
         train_list=args.train_list, test_list=args.test_list, ignore_lists=args.ignore_lists,
-        **_label_kwargs(args), **_split_kwargs(args)))
+        labeled_order=args.labeled_order, **_label_kwargs(args), **_split_kwargs(args)))
 
 
 def _cmd_acdc_h5(args: argparse.Namespace) -> int:
@@ -103,7 +110,7 @@ def _cmd_acdc_h5(args: argparse.Namespace) -> int:
 
     return _run(args, lambda: convert_acdc_h5(
         args.source, args.d, args.name, args.spacing, args.o, ignore_lists=args.ignore_lists,
-        **_split_kwargs(args)))
+        labeled_order=args.labeled_order, **_split_kwargs(args)))
 
 
 def _cmd_ph2(args: argparse.Namespace) -> int:
@@ -119,7 +126,8 @@ def _cmd_derm7pt(args: argparse.Namespace) -> int:
 
     return _run(args, lambda: convert_derm7pt(
         args.source, args.d, args.name, args.o, image_column=args.image, diagnosis=args.diagnosis,
-        include_leaky=args.include_leaky, ignore_lists=args.ignore_lists, **_split_kwargs(args)))
+        features=args.features, include_leaky=args.include_leaky, ignore_lists=args.ignore_lists,
+        **_split_kwargs(args)))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -164,6 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(p)
     _add_labels(p)
     _add_lists(p)
+    _add_labeled_order(p, "UA-MT and CAML")
     p.add_argument("--spacing", nargs=3, type=float, required=True, metavar=("X", "Y", "Z"),
                    help="voxel spacing in mm, x y z (HDF5 stores none; Left Atrium: 0.625 0.625 0.625)")
     p.add_argument("--axis-order", choices=("xyz", "zyx"), default="xyz",
@@ -176,11 +185,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-list", default=None, help="default: test.list in the folder or its parent")
     p.set_defaults(func=_cmd_h5)
 
-    p = layouts.add_parser("acdc-h5", help="SSL4MIS ACDC: data/*.h5 volumes + train/val/test.list",
-                           description="Uses the volumes (data/*.h5, z y x arrays), not data/slices. val.list joins "
-                                       "training. Labels: background, RV, MYO, LV.")
+    p = layouts.add_parser("acdc-h5", help="SSL4MIS ACDC: data/*.h5 volumes or data/slices + train/val/test.list",
+                           description="Uses the volumes (data/*.h5, z y x arrays); frames that only exist as 2D "
+                                       "slices (data/slices/<frame>_slice_<k>.h5, the SSL4MIS training data) are "
+                                       "stacked back into volumes. val.list joins training. --labeled and --test "
+                                       "count patients (both frames together). Labels: background, RV, MYO, LV.")
     _add_common(p, default_name="ACDC")
     _add_lists(p)
+    _add_labeled_order(p, "SSL4MIS")
     p.add_argument("--spacing", nargs=3, type=float, required=True, metavar=("X", "Y", "Z"),
                    help="voxel spacing in mm, x y z (SSL4MIS dropped it)")
     p.set_defaults(func=_cmd_acdc_h5)
@@ -202,6 +214,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dermoscopic (default) or clinical image")
     p.add_argument("--diagnosis", choices=("grouped", "raw"), default="grouped",
                    help="5 groups BCC/NEV/MEL/MISC/SK (default) or the raw diagnosis strings")
+    p.add_argument("--features", choices=("clinical", "all", "cfcml"), default="clinical",
+                   help="tabular features: clinical = sex, location, elevation (default; patient metadata only); "
+                        "all = also the 7-point criteria, seven_point_score and level_of_diagnostic_difficulty "
+                        "(the dermatologist's reading); cfcml = the 5 columns of CFCML's code (incl. management)")
     p.add_argument("--include-leaky", action="store_true", help="also write 'management' (decided from the "
                                                                 "diagnosis)")
     p.set_defaults(func=_cmd_derm7pt)

@@ -1,23 +1,33 @@
 """Derm7pt, the seven-point checklist dermatology dataset (Kawahara et al., IEEE JBHI 2018).
 
-Source layout (release_v0): ``meta/meta.csv`` with one row per case (``case_num``, ``diagnosis``, the seven
-checklist criteria ``pigment_network``, ``streaks``, ``pigmentation``, ``regression_structures``,
-``dots_and_globules``, ``blue_whitish_veil``, ``vascular_structures``, ``seven_point_score``,
-``level_of_diagnostic_difficulty``, clinical fields ``elevation``, ``location``, ``sex``, ``management``, the image
-paths ``clinic`` and ``derm`` relative to ``images/``, ``notes``) and ``meta/train_indexes.csv``,
-``valid_indexes.csv``, ``test_indexes.csv`` (column ``indexes``: 0-based row numbers of ``meta.csv``).
+Source layout (release_v0): ``meta/meta.csv`` with one row per case, header ``case_num, diagnosis,
+seven_point_score, pigment_network, streaks, pigmentation, regression_structures, dots_and_globules,
+blue_whitish_veil, vascular_structures, level_of_diagnostic_difficulty, elevation, location, sex, management,
+clinic, derm, case_id, notes`` (``clinic``/``derm``: image paths relative to ``images/``; ``case_id``: an atlas
+identifier filled for a few rows only; ``notes``: free text) and ``meta/train_indexes.csv``, ``valid_indexes.csv``,
+``test_indexes.csv`` (column ``indexes``: 0-based row numbers of ``meta.csv``).
 
 Conversion: the dermoscopic image (``derm``, or the clinical photo with ``image_column="clinic"``) is written as
 an RGB PNG; there are no lesion masks, so the label map marks the whole image as label 1 (``roi``).
 
 Classes: by default the five groups of Kawahara et al. (``BCC``, ``NEV``, ``MEL``, ``MISC``, ``SK``); ``raw``
-keeps the 20 diagnosis strings. Features: every column except the identifiers/paths (``case_num``, ``clinic``,
-``derm``), the free-text ``notes`` and the leaking ``management`` (excision vs follow-up is decided from the
-diagnosis; ``include_leaky`` adds it back). The official split is honoured: test = ``test_indexes``, training
-pool = ``train_indexes`` + ``valid_indexes`` (nnU-Net cross-validates on its own).
+keeps the 20 diagnosis strings. Features (:data:`FEATURE_SETS`):
+
+* ``clinical`` (default): ``sex``, ``location``, ``elevation``, the patient metadata of Kawahara et al., so that
+  image + table means image + clinical data;
+* ``all``: every column except identifiers, paths and free text (``case_num``, ``case_id``, ``clinic``,
+  ``derm``, ``notes``): adds the seven checklist criteria, ``seven_point_score`` (the dermatologist's reading of
+  the dermoscopic image) and ``level_of_diagnostic_difficulty`` (rated by the dermatologist, not patient data);
+* ``cfcml``: the five columns CFCML's official Derm7pt loader feeds its tabular branch
+  (``level_of_diagnostic_difficulty``, ``elevation``, ``location``, ``sex``, ``management``).
+
+``management`` leaks the diagnosis (excision vs follow-up is decided from it): outside ``cfcml`` it is written
+only with ``include_leaky``. The official split is honoured: test = ``test_indexes``, training pool =
+``train_indexes`` + ``valid_indexes`` (nnU-Net cross-validates on its own).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from nnunet_ext.conversion.common import ConversionError, require_source_folder, resolve_raw_root, warn
@@ -35,8 +45,14 @@ DIAGNOSIS_GROUPS: dict[str, tuple[str, ...]] = {
 }
 DIAGNOSIS_MODES = ("grouped", "raw")
 IMAGE_COLUMNS = ("derm", "clinic")
-NOT_FEATURES = ("case_num", "clinic", "derm", "notes", "diagnosis")
+# ``case_id`` is the release's own (atlas) identifier column, not ours: never a feature.
+NOT_FEATURES = ("case_num", "case_id", "clinic", "derm", "notes", "diagnosis")
 LEAKY_COLUMNS = ("management",)
+CLINICAL_COLUMNS = ("sex", "location", "elevation")
+CFCML_COLUMNS = ("level_of_diagnostic_difficulty", "elevation", "location", "sex", "management")
+FEATURE_SETS = ("clinical", "all", "cfcml")
+# Words of a ``notes`` cell saying that the ``clinic`` photo is in fact a dermoscopic image.
+DERMOSCOPIC_NOTE = re.compile(r"dermoscop|dermatoscop", re.IGNORECASE)
 INDEX_FILES = {"train": "train_indexes.csv", "valid": "valid_indexes.csv", "test": "test_indexes.csv"}
 
 
@@ -54,12 +70,30 @@ def _read_indexes(path: Path, num_rows: int) -> list[int]:
     return values
 
 
+def _feature_columns(header: list[str], features: str, include_leaky: bool, meta_path: Path) -> list[str]:
+    """The columns of ``meta.csv`` written as features for the feature set ``features``, in header order."""
+    if features == "all":
+        excluded = set(NOT_FEATURES) | (set() if include_leaky else set(LEAKY_COLUMNS))
+        return [c for c in header if c not in excluded]
+    wanted = CFCML_COLUMNS if features == "cfcml" else CLINICAL_COLUMNS + (LEAKY_COLUMNS if include_leaky else ())
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise ConversionError(f"{meta_path}: --features {features} needs the column(s) {missing}; columns found: "
+                              f"{header}")
+    return [c for c in header if c in wanted]
+
+
 def convert_derm7pt(source: str | Path, dataset_id: int, name: str = "Derm7pt", output: str | Path | None = None,
-                    *, image_column: str = "derm", diagnosis: str = "grouped", include_leaky: bool = False,
-                    ignore_lists: bool = False, labeled: str | None = None, test: str | None = None, seed: int = 0,
-                    split_file: str | Path | None = None, overwrite: bool = False) -> Path:
+                    *, image_column: str = "derm", diagnosis: str = "grouped", features: str = "clinical",
+                    include_leaky: bool = False, ignore_lists: bool = False, labeled: str | None = None,
+                    test: str | None = None, seed: int = 0, split_file: str | Path | None = None,
+                    overwrite: bool = False) -> Path:
     """Convert Derm7pt into ``Dataset<ID>_<name>``: RGB PNG (JPG re-encoded) + whole-image ``roi`` map +
-    ``tabular.csv``; splits are stratified by class when random (``ignore_lists`` or no index files)."""
+    ``tabular.csv``; splits are stratified by class when random (``ignore_lists`` or no index files).
+
+    ``features`` is one of :data:`FEATURE_SETS` (see the module docstring). With ``image_column="clinic"``,
+    cases whose ``notes`` say that the clinical photo is dermoscopic are reported (warning and ``split.json``).
+    """
     import pandas as pd
 
     source = require_source_folder(source, "Derm7pt folder")
@@ -67,6 +101,8 @@ def convert_derm7pt(source: str | Path, dataset_id: int, name: str = "Derm7pt", 
         raise ConversionError(f"image_column must be one of {IMAGE_COLUMNS}, got {image_column!r}")
     if diagnosis not in DIAGNOSIS_MODES:
         raise ConversionError(f"diagnosis must be one of {DIAGNOSIS_MODES}, got {diagnosis!r}")
+    if features not in FEATURE_SETS:
+        raise ConversionError(f"features must be one of {FEATURE_SETS} (--features), got {features!r}")
     meta_path = source / "meta" / "meta.csv"
     if not meta_path.is_file():
         raise ConversionError(f"{source}: expected the Derm7pt layout with meta/meta.csv")
@@ -80,11 +116,11 @@ def convert_derm7pt(source: str | Path, dataset_id: int, name: str = "Derm7pt", 
         class_names = tuple(DIAGNOSIS_GROUPS)
     else:
         class_names = tuple(sorted({str(d).strip() for d in meta["diagnosis"]}))
-    excluded = set(NOT_FEATURES) | (set() if include_leaky else set(LEAKY_COLUMNS))
-    feature_columns = [c for c in meta.columns if c not in excluded]
+    feature_columns = _feature_columns(list(meta.columns), features, include_leaky, meta_path)
 
     cases: list[ImageCase] = []
     case_of_row: dict[int, str] = {}
+    dermoscopic_clinic: list[str] = []
     for row_number, row in enumerate(meta.to_dict("records")):
         where = f"{meta_path} row {row_number} (0-based, header excluded)"
         raw = str(row["diagnosis"]).strip()
@@ -105,16 +141,21 @@ def convert_derm7pt(source: str | Path, dataset_id: int, name: str = "Derm7pt", 
         image = source / "images" / relative
         if not image.is_file():
             raise ConversionError(f"case {case_id} ({where}): image file {image} does not exist")
-        features = {c: (str(row[c]).strip() or None) for c in feature_columns}
-        cases.append(ImageCase(case_id, image, label, features))
+        values = {c: (str(row[c]).strip() or None) for c in feature_columns}
+        cases.append(ImageCase(case_id, image, label, values))
+        if image_column == "clinic" and DERMOSCOPIC_NOTE.search(str(row.get("notes", ""))):
+            dermoscopic_clinic.append(case_id)
         case_of_row[row_number] = case_id
     if len(set(case_of_row.values())) != len(case_of_row):
         raise ConversionError(f"{meta_path}: duplicate case_num values")
+    if dermoscopic_clinic:
+        warn(f"{len(dermoscopic_clinic)} case(s) whose 'clinic' image is dermoscopic according to 'notes': "
+             f"{', '.join(dermoscopic_clinic)} (listed in split.json as clinic_image_dermoscopic)")
 
     fixed_test = fixed_train = None
     index_paths = {k: source / "meta" / v for k, v in INDEX_FILES.items()}
     used = []
-    if not ignore_lists and index_paths["test"].is_file():
+    if not ignore_lists and split_file is None and index_paths["test"].is_file():
         indexes = {k: _read_indexes(p, len(meta)) if p.is_file() else [] for k, p in index_paths.items()}
         fixed_test = [case_of_row[i] for i in indexes["test"]]
         fixed_train = [case_of_row[i] for i in indexes["train"] + indexes["valid"]]
@@ -129,4 +170,5 @@ def convert_derm7pt(source: str | Path, dataset_id: int, name: str = "Derm7pt", 
         description=f"Derm7pt (Kawahara et al. 2018) converted by nnunet-ext: {image_column} images, whole-image "
                     f"roi label, {diagnosis} diagnosis in tabular.csv",
         split_info={"converter": "derm7pt", "image_column": image_column, "diagnosis": diagnosis,
-                    "include_leaky": include_leaky, "list_files": used})
+                    "features": features, "include_leaky": include_leaky, "list_files": used,
+                    **({"clinic_image_dermoscopic": dermoscopic_clinic} if image_column == "clinic" else {})})

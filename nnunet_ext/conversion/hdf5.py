@@ -4,15 +4,21 @@
   with datasets ``image`` and ``label`` in **x, y, z** order (the arrays come from ``nrrd.read``); the lists
   ``train.list``/``test.list`` sit in ``<root>`` or its parent. Flat ``<root>/<case>.h5`` files work too.
 * ``acdc-h5`` (SSL4MIS): ``<root>/data/<patientXXX_frameYY>.h5`` volumes with ``image`` and ``label`` in
-  **z, y, x** order (they were made with ``sitk.GetArrayFromImage``); ``<root>/data/slices/`` holds 2D slices of
-  the same volumes and is not used; ``train.list``, ``val.list``, ``test.list`` name the volumes. ``val`` cases
-  join the training pool (nnU-Net cross-validates on its own).
+  **z, y, x** order (they were made with ``sitk.GetArrayFromImage``); ``<root>/data/slices/<case>_slice_<k>.h5``
+  holds 2D slices. The SSL4MIS download has volumes only for the validation and test frames: training frames
+  without a volume are rebuilt from their slices (:mod:`nnunet_ext.conversion.h5_slices`). ``train.list``,
+  ``val.list``, ``test.list`` name the frames. ``val`` frames join the training pool (nnU-Net cross-validates on
+  its own). The two frames (ED, ES) of a patient are two cases that are always split together.
+
+UA-MT, CAML and SSL4MIS label the **first** N entries of ``train.list`` (``labeled_order="list"``,
+``--labeled-order list``); the default draws them at random.
 
 Neither layout stores the voxel spacing, so the user gives it (``spacing`` in x, y, z order, mm, the SimpleITK
 convention). SimpleITK arrays are z, y, x: x, y, z arrays are transposed before writing.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +32,7 @@ AXIS_ORDERS = ("xyz", "zyx")
 # ACDC (Bernard et al. 2018): 1 right ventricle cavity, 2 myocardium, 3 left ventricle cavity.
 ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 LEFT_ATRIUM_LABELS = {"background": 0, "left_atrium": 1}
+ACDC_FRAME = re.compile(r"^(?P<patient>.+?)_frame\d+$")
 
 
 def _require_h5py():
@@ -128,7 +135,7 @@ def convert_h5(source: str | Path, dataset_id: int, name: str, spacing: Sequence
                labels: Mapping[str, int] | None = None, label_map: Mapping[int, int] | None = None,
                train_list: str | Path | None = None, test_list: str | Path | None = None,
                ignore_lists: bool = False, labeled: str | None = None, test: str | None = None, seed: int = 0,
-               split_file: str | Path | None = None, overwrite: bool = False) -> Path:
+               split_file: str | Path | None = None, overwrite: bool = False, labeled_order: str = "random") -> Path:
     """Convert ``<source>/<case>/<file>.h5`` (UA-MT/CAML Left Atrium layout) into ``Dataset<ID>_<name>``.
 
     Args:
@@ -138,7 +145,9 @@ def convert_h5(source: str | Path, dataset_id: int, name: str, spacing: Sequence
             Given lists fix the test cases (``test`` must then be None) unless ``ignore_lists``.
         labels: default inferred (``label_<v>``); for the Left Atrium pass :data:`LEFT_ATRIUM_LABELS`
             (``--labels background=0 left_atrium=1``).
-        split_file: a previous ``split.json`` (takes precedence over list files).
+        split_file: a previous ``split.json`` (the list files are then not read).
+        labeled_order: ``random`` or ``list``: the first ``labeled`` cases of ``train.list``, as UA-MT and CAML
+            label them (``--labeled 8 --labeled-order list`` gives their 10 % split of the 80 training cases).
     """
     source = require_source_folder(source)
     if axis_order not in AXIS_ORDERS:
@@ -148,7 +157,7 @@ def convert_h5(source: str | Path, dataset_id: int, name: str, spacing: Sequence
     cases = {c: _h5_case(c, p, image_key, label_key, axis_order, spacing) for c, p in files.items()}
     fixed_test = fixed_train = None
     used_lists = []
-    if not ignore_lists:
+    if not ignore_lists and split_file is None:  # a split file fixes everything the lists would
         def locate(given, default_name):
             if given is not None:
                 if not Path(given).is_file():
@@ -169,33 +178,50 @@ def convert_h5(source: str | Path, dataset_id: int, name: str, spacing: Sequence
         cases, raw_root=resolve_raw_root(output), dataset_id=dataset_id, name=name, channel_names=[channel_name],
         sources=[source], labels=labels, label_map=label_map, labeled=labeled, test=test, seed=seed,
         split_file=split_file, overwrite=overwrite, fixed_test=fixed_test, fixed_train=fixed_train,
-        description=f"converted by nnunet-ext from HDF5 files in {source}",
+        labeled_order=labeled_order, description=f"converted by nnunet-ext from HDF5 files in {source}",
         split_info={"converter": "h5", "axis_order": axis_order, "spacing_xyz": list(spacing),
                     "list_files": used_lists})
+
+
+def acdc_patient(case_id: str) -> str:
+    """``patient001_frame01`` -> ``patient001`` (a name without ``_frame`` is its own patient)."""
+    match = ACDC_FRAME.match(case_id)
+    return match["patient"] if match else case_id
 
 
 def convert_acdc_h5(source: str | Path, dataset_id: int, name: str, spacing: Sequence[float],
                     output: str | Path | None = None, *, labels: Mapping[str, int] | None = ACDC_LABELS,
                     ignore_lists: bool = False, labeled: str | None = None, test: str | None = None,
-                    seed: int = 0, split_file: str | Path | None = None, overwrite: bool = False) -> Path:
+                    seed: int = 0, split_file: str | Path | None = None, overwrite: bool = False,
+                    labeled_order: str = "random") -> Path:
     """Convert the SSL4MIS ACDC folder (``data/*.h5`` volumes, z, y, x arrays) into ``Dataset<ID>_<name>``.
 
     ``train.list`` + ``val.list`` form the training pool and ``test.list`` the test cases unless
-    ``ignore_lists``. The 2D ``data/slices`` are ignored: nnU-Net makes its own 2D configuration from volumes.
-    SSL4MIS dropped the spacing (ACDC is about 1.5 x 1.5 mm in plane, 5-10 mm between slices), so give one.
+    ``ignore_lists``. Frames without a volume in ``data/`` are rebuilt from ``data/slices/<case>_slice_<k>.h5``
+    (SSL4MIS ships the training frames only as slices). ``labeled`` and ``test`` count **patients**: both frames
+    of a patient are labelled, unlabelled or tested together, as in SSL4MIS (``labeled_order="list"``: the first
+    patients of ``train.list``, SSL4MIS's choice). SSL4MIS dropped the spacing (ACDC is about 1.5 x 1.5 mm in
+    plane, 5-10 mm between slices), so give one.
     """
+    from nnunet_ext.conversion.h5_slices import find_slice_stacks, slice_stack_case
+
     source = require_source_folder(source)
     data = source / "data"
     if not data.is_dir():
         raise ConversionError(f"{source}: expected the SSL4MIS ACDC layout with a data/ folder of <case>.h5 volumes")
     spacing = _check_spacing(spacing)
     files = {p.name[:-3]: p for p in sorted(data.glob("*.h5"))}
-    if not files:
-        raise ConversionError(f"no volume files {data}/*.h5 (slices in data/slices are not used)")
+    stacks = {c: s for c, s in find_slice_stacks(data / "slices").items() if c not in files}
+    if not files and not stacks:
+        raise ConversionError(f"no volume files {data}/*.h5 and no slice files {data}/slices/<case>_slice_<k>.h5")
     cases = {c: _h5_case(c, p, "image", "label", "zyx", spacing) for c, p in files.items()}
+    cases.update({c: slice_stack_case(c, s, spacing) for c, s in stacks.items()})
+    if stacks:
+        warn(f"{len(stacks)} frame(s) rebuilt from the 2D slices in {data / 'slices'} (no volume file), e.g. "
+             f"{sorted(stacks)[0]}")
     fixed_test = fixed_train = None
     used = []
-    if not ignore_lists:
+    if not ignore_lists and split_file is None:  # a split file fixes everything the lists would
         lists = {n: source / f"{n}.list" for n in ("train", "val", "test")}
         if lists["test"].is_file():
             fixed_test = _list_cases(lists["test"], list(cases))
@@ -212,5 +238,7 @@ def convert_acdc_h5(source: str | Path, dataset_id: int, name: str, spacing: Seq
         cases, raw_root=resolve_raw_root(output), dataset_id=dataset_id, name=name, channel_names=["cineMRI"],
         sources=[source], labels=labels, label_map=None, labeled=labeled, test=test, seed=seed,
         split_file=split_file, overwrite=overwrite, fixed_test=fixed_test, fixed_train=fixed_train,
-        description=f"ACDC converted by nnunet-ext from the SSL4MIS HDF5 volumes in {source}",
-        split_info={"converter": "acdc-h5", "axis_order": "zyx", "spacing_xyz": list(spacing), "list_files": used})
+        labeled_order=labeled_order, groups={c: acdc_patient(c) for c in cases}, group_name="patient",
+        description=f"ACDC converted by nnunet-ext from the SSL4MIS HDF5 files in {source}",
+        split_info={"converter": "acdc-h5", "axis_order": "zyx", "spacing_xyz": list(spacing), "list_files": used,
+                    "rebuilt_from_slices": sorted(stacks)})

@@ -10,6 +10,10 @@ What is written (the contract with the CFCML trainer):
   everywhere (``roi``), so nnU-Net's planning, cropping and patch sampling work unchanged.
 * ``dataset.json``: ``labels`` ``{"background": 0, "<lesion|roi>": 1}`` and the extra key
   ``"classification_labels"``: the class names in order (index i = class i).
+* ``tabular.json``: ``{"classes": [...]}``, the same list. CFCML reads its class order from there (otherwise it
+  would sort the labels), so training, ``predict-cls`` (``prob_<class>`` columns) and ``evaluate-cls`` use the
+  index order of ``classification_labels``. Classes without a labelled training case are left out of both (with a
+  warning): nnU-Net could not learn them.
 * ``tabular.csv`` in the dataset root: ``case_id``, ``label`` (class name), then one column per feature; empty
   cells are missing values. Every case has a row; cases moved to ``imagesUnlabeled`` by ``--labeled`` have an
   empty ``label`` (their class is hidden like their mask).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +35,8 @@ from nnunet_ext.conversion.splits import Split, load_split_file, make_split
 
 RGB_CHANNELS = {"0": "R", "1": "G", "2": "B"}
 TABULAR_FILE = "tabular.csv"
+TABULAR_JSON_FILE = "tabular.json"
+RESERVED_COLUMNS = ("case_id", "label")
 
 
 @dataclass
@@ -94,6 +101,16 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _classes_with_training_cases(class_names: Sequence[str], training_labels: Sequence[str]) -> list[str]:
+    """``class_names`` (order kept) without the classes that no labelled training case has."""
+    present = set(training_labels)
+    dropped = [c for c in class_names if c not in present]
+    if dropped:
+        warn(f"class(es) {dropped} have no labelled training case and are left out of classification_labels and "
+             f"tabular.json (their test or unlabeled cases keep the class name in tabular.csv)")
+    return [c for c in class_names if c in present]
+
+
 def convert_image_classification(cases: Sequence[ImageCase], *, class_names: Sequence[str],
                                  feature_columns: Sequence[str], roi_name: str, raw_root: Path, dataset_id: int,
                                  name: str, sources: Sequence[Path], labeled: str | None, test: str | None,
@@ -109,6 +126,10 @@ def convert_image_classification(cases: Sequence[ImageCase], *, class_names: Seq
     unknown = sorted({c.label for c in cases} - set(class_names))
     if unknown:
         raise ConversionError(f"class names {unknown} are not among {list(class_names)}")
+    clashing = [c for c in feature_columns if c in RESERVED_COLUMNS]
+    if clashing:
+        raise ConversionError(f"feature column(s) {clashing} would repeat the columns {list(RESERVED_COLUMNS)} "
+                              f"of {TABULAR_FILE}; exclude or rename them")
     if split_file is not None:
         fixed_test = fixed_train = None
     with DatasetWriter(raw_root, dataset_id, name, sources=sources, overwrite=overwrite,
@@ -144,6 +165,8 @@ def convert_image_classification(cases: Sequence[ImageCase], *, class_names: Seq
         table.writerow(["case_id", "label", *feature_columns])
         table.writerows(sorted(rows))
         writer.write_text(TABULAR_FILE, buffer.getvalue())
+        trained_classes = _classes_with_training_cases(class_names, [by_id[c].label for c in split.labeled])
+        writer.write_text(TABULAR_JSON_FILE, json.dumps({"classes": trained_classes}, indent=2) + "\n")
         dataset_json = {"name": name, "description": description, "channel_names": RGB_CHANNELS,
-                        "labels": {"background": 0, roi_name: 1}, "classification_labels": list(class_names)}
+                        "labels": {"background": 0, roi_name: 1}, "classification_labels": trained_classes}
         return writer.finish(dataset_json, split)

@@ -27,6 +27,8 @@ from nnunet_ext.errors import InputError
 SPLIT_FILE_NAME = "split.json"
 SPLIT_FORMAT_VERSION = 1
 ALL = "all"
+RANDOM_ORDER, LIST_ORDER = "random", "list"
+LABELED_ORDERS = (RANDOM_ORDER, LIST_ORDER)
 
 
 class SplitError(InputError):
@@ -143,7 +145,9 @@ def stratified_choice(cases: Sequence[str], n: int, rng: np.random.Generator,
 def make_split(labelled_cases: Sequence[str], *, labeled: CountRequest | str | None = None,
                test: CountRequest | str | None = None, seed: int = 0, strata: Mapping[str, str] | None = None,
                fixed_test: Sequence[str] | None = None, fixed_train: Sequence[str] | None = None,
-               unlabeled_only: Sequence[str] = (), previous: Mapping | None = None) -> Split:
+               unlabeled_only: Sequence[str] = (), previous: Mapping | None = None,
+               labeled_order: str = RANDOM_ORDER, groups: Mapping[str, str] | None = None,
+               group_name: str = "group") -> Split:
     """Split the labelled cases into labeled / unlabeled / test.
 
     Args:
@@ -158,6 +162,11 @@ def make_split(labelled_cases: Sequence[str], *, labeled: CountRequest | str | N
         unlabeled_only: images without labels (recorded, always unlabeled).
         previous: the content of an earlier ``split.json``: its test cases are reused and its labeled cases too
             unless ``labeled`` is ``all``. ``test`` must then be None and the case sets must match.
+        labeled_order: ``random`` draws the labelled cases (seeded); ``list`` takes the first ones in the order of
+            ``fixed_train`` (UA-MT, CAML and SSL4MIS label the first N entries of ``train.list``).
+        groups: optional case -> group (e.g. ACDC patient, whose ED and ES frames are two cases): ``labeled`` and
+            ``test`` then count groups, and a group's cases always stay together. The chosen groups are recorded
+            as ``labeled_<group_name>s``, ``unlabeled_<group_name>s`` and ``test_<group_name>s``.
 
     Raises:
         SplitError: conflicting options, unknown cases or impossible counts (the message says which).
@@ -171,7 +180,12 @@ def make_split(labelled_cases: Sequence[str], *, labeled: CountRequest | str | N
     info: dict = {"seed": seed, "labeled_request": labeled_request.describe() if labeled_request else ALL,
                   "test_request": test_request.describe() if test_request else "0"}
 
+    if labeled_order not in LABELED_ORDERS:
+        raise SplitError(f"--labeled-order must be one of {LABELED_ORDERS}, got {labeled_order!r}")
     if previous is not None:
+        if labeled_order == LIST_ORDER:
+            raise SplitError("--labeled-order list cannot be combined with --split-file (the split file fixes the "
+                             "labelled cases)")
         if test_request is not None:
             raise SplitError("--test cannot be combined with --split-file (the split file fixes the test cases)")
         if fixed_test is not None:
@@ -197,9 +211,29 @@ def make_split(labelled_cases: Sequence[str], *, labeled: CountRequest | str | N
                      "seed": previous.get("seed", seed)})
         info["labeled_request"] = labeled_request.describe() if labeled_request else "as in split file"
         info["test_request"] = "as in split file"
-        return Split(labeled=sorted(labeled_cases), unlabeled=sorted(set(pool) - set(labeled_cases)),
-                     test=test_cases, unlabeled_only=sorted(unlabeled_only), info=info)
+        split = Split(labeled=sorted(labeled_cases), unlabeled=sorted(set(pool) - set(labeled_cases)),
+                      test=test_cases, unlabeled_only=sorted(unlabeled_only), info=info)
+        if groups is not None:
+            _record_groups(split, groups, group_name)
+        return split
 
+    # With ``groups`` every choice is made over groups (patients), so no group is split between parts.
+    unit_of = dict(groups) if groups is not None else {c: c for c in cases}
+    missing_group = sorted(set(cases) - set(unit_of))
+    if missing_group:
+        raise SplitError(f"cases without a group: {missing_group[:10]}")
+
+    def members(units: Sequence[str]) -> list[str]:
+        chosen = set(units)
+        return sorted(c for c in cases if unit_of[c] in chosen)
+
+    def units_in_order(ordered_cases: Sequence[str]) -> list[str]:
+        return list(dict.fromkeys(unit_of[c] for c in ordered_cases))
+
+    unit_strata = strata if groups is None else None
+    if labeled_order == LIST_ORDER and fixed_train is None:
+        raise SplitError("--labeled-order list takes the first cases of the source's train.list, but no train.list "
+                         "is used here (none found, or --ignore-lists): use --labeled-order random")
     if fixed_test is not None or fixed_train is not None:
         if test_request is not None:
             raise SplitError("--test cannot be combined with the source's list files (train.list/test.list); pass "
@@ -208,26 +242,59 @@ def make_split(labelled_cases: Sequence[str], *, labeled: CountRequest | str | N
         unknown = sorted((set(test_cases) | set(fixed_train or ())) - set(cases))
         if unknown:
             raise SplitError(f"list files name cases that have no labelled source case: {unknown[:10]}")
-        pool = sorted(set(fixed_train) - set(test_cases)) if fixed_train is not None else \
-            sorted(set(cases) - set(test_cases))
-        left_out = sorted(set(cases) - set(pool) - set(test_cases))
+        # Keep the list's order: --labeled-order list takes its first entries.
+        pool_in_order = [c for c in dict.fromkeys(fixed_train if fixed_train is not None else cases)
+                         if c not in set(test_cases)]
+        left_out = sorted(set(cases) - set(pool_in_order) - set(test_cases))
         if left_out:
             info["not_in_lists"] = left_out
         info["test_request"] = "from list files"
     else:
-        n_test = test_request.resolve(len(cases), "--test") if test_request else 0
-        if n_test >= len(cases):
-            raise SplitError(f"--test {test_request.describe()} leaves no training case out of {len(cases)}")
-        test_cases = stratified_choice(cases, n_test, rng, strata)
-        pool = sorted(set(cases) - set(test_cases))
-    if not pool:
+        units = sorted(set(unit_of.values()))
+        n_test = test_request.resolve(len(units), "--test") if test_request else 0
+        if n_test >= len(units):
+            raise SplitError(f"--test {test_request.describe()} leaves no training case out of {len(units)}")
+        test_cases = members(stratified_choice(units, n_test, rng, unit_strata))
+        pool_in_order = sorted(set(cases) - set(test_cases))
+    if not pool_in_order:
         raise SplitError("no training case left")
-    n_labeled = labeled_request.resolve(len(pool), "--labeled") if labeled_request else len(pool)
+    test_units = {unit_of[c] for c in test_cases}
+    shared = sorted(test_units & {unit_of[c] for c in pool_in_order})
+    if groups is not None and shared:
+        raise SplitError(f"{group_name}(s) {shared[:10]} have cases in both the test and the training lists")
+    pool_units = units_in_order(pool_in_order)
+    n_labeled = labeled_request.resolve(len(pool_units), "--labeled") if labeled_request else len(pool_units)
     if n_labeled < 1:
         raise SplitError("--labeled must keep at least one labelled training case")
-    labeled_cases = pool if n_labeled == len(pool) else stratified_choice(pool, n_labeled, rng, strata)
-    return Split(labeled=sorted(labeled_cases), unlabeled=sorted(set(pool) - set(labeled_cases)),
-                 test=sorted(test_cases), unlabeled_only=sorted(unlabeled_only), info=info)
+    if n_labeled == len(pool_units):
+        labeled_units = pool_units
+    elif labeled_order == LIST_ORDER:
+        labeled_units = pool_units[:n_labeled]
+    else:
+        labeled_units = stratified_choice(pool_units, n_labeled, rng, unit_strata)
+    labeled_cases = sorted(c for c in pool_in_order if unit_of[c] in set(labeled_units))
+    info["labeled_order"] = labeled_order
+    split = Split(labeled=labeled_cases, unlabeled=sorted(set(pool_in_order) - set(labeled_cases)),
+                  test=sorted(test_cases), unlabeled_only=sorted(unlabeled_only), info=info)
+    if groups is not None:
+        _record_groups(split, unit_of, group_name)
+    return split
+
+
+def _record_groups(split: Split, groups: Mapping[str, str], group_name: str) -> None:
+    """Add ``grouped_by`` and ``<part>_<group_name>s`` (sorted group names per part) to ``split.info``.
+
+    Raises:
+        SplitError: a group has cases in two parts (e.g. a split file that separates a patient's frames).
+    """
+    parts = {part: sorted({groups[c] for c in getattr(split, part)}) for part in ("labeled", "unlabeled", "test")}
+    for first, second in (("labeled", "unlabeled"), ("labeled", "test"), ("unlabeled", "test")):
+        shared = sorted(set(parts[first]) & set(parts[second]))
+        if shared:
+            raise SplitError(f"{group_name}(s) {shared[:10]} have cases in both {first} and {second}; all cases "
+                             f"of a {group_name} must stay together")
+    split.info["grouped_by"] = group_name
+    split.info.update({f"{part}_{group_name}s": names for part, names in parts.items()})
 
 
 def load_split_file(path: str | Path) -> dict:

@@ -161,8 +161,12 @@ def convert_volume_cases(cases: Mapping[str, VolumeCase], *, raw_root: Path, dat
                          label_map: Mapping[int, int] | None, labeled: str | None, test: str | None, seed: int,
                          split_file: str | Path | None, overwrite: bool, fixed_test: Sequence[str] | None = None,
                          fixed_train: Sequence[str] | None = None, description: str = "",
-                         split_info: Mapping | None = None) -> Path:
-    """Split ``cases`` (cases without label go to ``imagesUnlabeled``) and write the dataset."""
+                         split_info: Mapping | None = None, labeled_order: str = "random",
+                         groups: Mapping[str, str] | None = None, group_name: str = "group") -> Path:
+    """Split ``cases`` (cases without label go to ``imagesUnlabeled``) and write the dataset.
+
+    ``labeled_order``, ``groups`` and ``group_name`` are passed to :func:`~nnunet_ext.conversion.splits.make_split`.
+    """
     from nnunet_ext.conversion.splits import load_split_file, make_split
 
     if not cases:
@@ -184,6 +188,8 @@ def convert_volume_cases(cases: Mapping[str, VolumeCase], *, raw_root: Path, dat
             fixed_train = [c for c in fixed_train if c in set(labelled)]
         split = make_split(labelled, labeled=labeled, test=test, seed=seed, fixed_test=fixed_test,
                            fixed_train=fixed_train, unlabeled_only=sorted(set(cases) - set(labelled)),
+                           labeled_order=labeled_order, group_name=group_name,
+                           groups=None if groups is None else {c: groups[c] for c in labelled},
                            previous=load_split_file(split_file) if split_file else None)
         split.info.update({"source": [str(Path(s).resolve()) for s in sources], **(split_info or {})})
         return write_volume_dataset(cases, split, writer, converter, channel_names, name, description)

@@ -150,3 +150,62 @@ def test_bad_split_files(tmp_path, content, message):
         load_split_file(path)
     with pytest.raises(SplitError, match="does not exist"):
         load_split_file(tmp_path / "missing.json")
+
+
+def test_labeled_order_list_takes_the_first_training_list_entries():
+    train_list = CASES[29:4:-1]  # list order differs from sorted order, like UA-MT's train.list
+    split = make_split(CASES, fixed_test=CASES[:5], fixed_train=train_list, labeled="3", labeled_order="list")
+    assert split.labeled == sorted(train_list[:3]) and split.info["labeled_order"] == "list"
+    assert split.unlabeled == sorted(train_list[3:])
+    random = make_split(CASES, fixed_test=CASES[:5], fixed_train=train_list, labeled="3", seed=0)
+    assert random.labeled != split.labeled  # the default still draws at random
+
+
+PATIENT_FRAMES = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 11) for f in (1, 2)]
+PATIENT_OF = {c: c.split("_")[0] for c in PATIENT_FRAMES}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"labeled": "3", "test": "2", "seed": 0},
+    {"labeled": "0.375", "test": "0.2", "seed": 5},  # fractions of patients: 3 of the 8 left, 2 of 10
+    {"labeled": "2", "fixed_test": PATIENT_FRAMES[:4], "fixed_train": PATIENT_FRAMES[:3:-1], "labeled_order": "list"},
+])
+def test_groups_keep_both_frames_of_a_patient_together(kwargs):
+    split = make_split(PATIENT_FRAMES, groups=PATIENT_OF, group_name="patient", **kwargs)
+    parts = {name: {PATIENT_OF[c] for c in getattr(split, name)} for name in ("labeled", "unlabeled", "test")}
+    assert not (parts["labeled"] & parts["unlabeled"]) and not (parts["labeled"] | parts["unlabeled"]) & parts["test"]
+    assert len(split.labeled) == 2 * len(parts["labeled"]) and len(split.test) == 2 * len(parts["test"])
+    assert split.info["labeled_patients"] == sorted(parts["labeled"])
+    assert split.info["test_patients"] == sorted(parts["test"]) and split.info["grouped_by"] == "patient"
+    if kwargs.get("labeled_order") == "list":  # the first 2 patients of the reversed training list
+        assert parts["labeled"] == {"patient010", "patient009"}
+    else:
+        assert len(parts["labeled"]) == 3 and len(parts["test"]) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"labeled": "2", "labeled_order": "list"}, "no train.list is used here"),
+    ({"labeled": "2", "labeled_order": "first"}, "--labeled-order must be one of"),
+    ({"fixed_test": PATIENT_FRAMES[:3], "fixed_train": PATIENT_FRAMES[3:], "groups": PATIENT_OF,
+      "group_name": "patient"}, r"patient\(s\) \['patient002'\] have cases in both the test and the training"),
+])
+def test_labeled_order_and_groups_reject(kwargs, message):
+    with pytest.raises(SplitError, match=message):
+        make_split(PATIENT_FRAMES, **kwargs)
+
+
+def test_labeled_order_list_with_split_file_rejected():
+    previous = make_split(CASES, test="5").to_json()
+    with pytest.raises(SplitError, match="--labeled-order list cannot be combined with --split-file"):
+        make_split(CASES, previous=previous, labeled_order="list")
+
+
+def test_split_file_reuse_records_patients_and_keeps_them_together():
+    kwargs = {"groups": PATIENT_OF, "group_name": "patient"}
+    first = make_split(PATIENT_FRAMES, labeled="2", test="2", seed=1, **kwargs)
+    again = make_split(PATIENT_FRAMES, previous=first.to_json(), **kwargs)
+    assert again.info["labeled_patients"] == first.info["labeled_patients"]
+    assert again.info["test_patients"] == first.info["test_patients"]
+    separated = dict(first.to_json(), labeled=first.labeled[1:], unlabeled=first.unlabeled + first.labeled[:1])
+    with pytest.raises(SplitError, match=r"patient\(s\) \['patient\d+'\] have cases in both labeled and unlabeled"):
+        make_split(PATIENT_FRAMES, previous=separated, **kwargs)
