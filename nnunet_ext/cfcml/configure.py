@@ -20,6 +20,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from nnunet_ext.cfcml.configured_table import TABLE_RECORD_KEY, write_configured_copy
 from nnunet_ext.cfcml.tabular import (
     TABULAR_CSV,
@@ -142,6 +144,13 @@ def write_stratified_splits(preprocessed_folder: str, table: TabularTable, ident
     labels = table.labels(identifiers).numpy()
     if len(identifiers) < n_splits:
         raise TabularDataError(f"{len(identifiers)} training cases cannot be split into {n_splits} folds")
+    classes, counts = np.unique(labels, return_counts=True)
+    too_few = {table.schema.classes[int(c)]: int(n) for c, n in zip(classes, counts) if n < n_splits}
+    if too_few:  # a validation fold without a class has no macro AUC (sklearn would warn or fail obscurely)
+        raise TabularDataError(
+            f"a stratified {n_splits}-fold split needs at least {n_splits} training cases per class; "
+            f"{', '.join(f'{name!r} has {n}' for name, n in too_few.items())}. Add cases, or write your own "
+            f"{path} before running configure (an existing split is kept)")
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     splits = [{"train": [identifiers[i] for i in tr], "val": [identifiers[i] for i in va]}
               for tr, va in folds.split(identifiers, labels)]

@@ -148,3 +148,41 @@ def test_predict_cls_default_table_is_the_configured_copy_unless_the_raw_table_c
     with pytest.raises(TabularDataError, match=re.escape(f"choose the table explicitly: -t {copy} (as configured) "
                                                          f"or -t {raw / 'tabular.csv'} (edited")):
         default_prediction_table(block, plans_manager)
+
+
+class _LabelTable:
+    """The two things ``write_stratified_splits`` reads of a table: class names and per-case class indices."""
+
+    def __init__(self, labels: dict[str, int], classes: tuple[str, ...]):
+        import types
+
+        import torch
+
+        self._labels, self._torch = labels, torch
+        self.schema = types.SimpleNamespace(classes=classes)
+
+    def labels(self, identifiers):
+        return self._torch.tensor([self._labels[i] for i in identifiers])
+
+
+@pytest.mark.parametrize("counts, message", [
+    ((6, 4), r"'melanoma' has 4"),
+    ((3, 2), r"'nevus' has 3, 'melanoma' has 2"),  # fewer than 5 in every class: sklearn's own raw error before
+])
+def test_stratified_split_refuses_a_class_with_fewer_cases_than_folds(tmp_path, counts, message):
+    from nnunet_ext.cfcml.configure import write_stratified_splits
+
+    labels = {f"case_{i:02d}": 0 for i in range(counts[0])}
+    labels.update({f"case_{counts[0] + i:02d}": 1 for i in range(counts[1])})
+    with pytest.raises(TabularDataError, match=f"at least 5 training cases per class; {message}"):
+        write_stratified_splits(str(tmp_path), _LabelTable(labels, ("nevus", "melanoma")), list(labels))
+    assert not (tmp_path / "splits_final.json").exists()
+
+
+def test_stratified_split_with_enough_cases_per_class(tmp_path):
+    from nnunet_ext.cfcml.configure import write_stratified_splits
+
+    labels = {f"case_{i:02d}": int(i >= 6) for i in range(11)}
+    path = write_stratified_splits(str(tmp_path), _LabelTable(labels, ("nevus", "melanoma")), list(labels))
+    splits = json.loads(open(path).read())
+    assert len(splits) == 5 and all({labels[c] for c in s["val"]} == {0, 1} for s in splits)
