@@ -50,7 +50,7 @@ class DemoMode:
 DEMO_MODES = {
     # 2D slices of small volumes: a training iteration and the sliding-window prediction of a test case take a
     # fraction of their 3D cost, so every trainer still trains, predicts and is evaluated within minutes
-    "quick": DemoMode("quick", "2d", (24, 32, 32), epochs=4, iterations=15, val_iterations=3),
+    "quick": DemoMode("quick", "2d", (24, 32, 32), epochs=3, iterations=10, val_iterations=2),
     "full": DemoMode("full", "3d_fullres", (32, 40, 40), epochs=10, iterations=50, val_iterations=5),
 }
 

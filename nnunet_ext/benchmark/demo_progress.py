@@ -6,7 +6,8 @@ prints them as, e.g.::
 
     [run 2/5 CAMLTrainer] epoch 3/5  loss -0.412  elapsed 0:41  run left ~1:05  demo left ~4:30
 
-The estimates are simple on purpose: the run's mean epoch time times the epochs left, plus the mean time that
+The estimates are simple on purpose: the run's mean epoch time times the epochs left (less the time the current
+epoch has been running), plus the mean time that
 finished runs needed after training (prediction, evaluation); each run not yet started is assumed to take as
 long as the finished runs did on average (the current run's projection while none has finished).
 """
@@ -85,6 +86,7 @@ class DemoProgress:
         self.train_end: float | None = None
         self.epoch_seconds: list[float] = []
         self.epochs_done = 0
+        self.last_epoch_end = self.start
         self.finished_totals: list[float] = []
         self.finished_after_training: list[float] = []
         self.parser = EpochLogParser()
@@ -100,7 +102,9 @@ class DemoProgress:
         if not self.epoch_seconds:
             return None
         epoch = statistics.mean(self.epoch_seconds)
-        return epoch * max(0, self.epochs - self.epochs_done) + self._after_training_estimate()
+        # the epoch under way has been running since the last one ended (never counted below zero)
+        training_left = max(0.0, epoch * max(0, self.epochs - self.epochs_done) - (self.clock() - self.last_epoch_end))
+        return training_left + self._after_training_estimate()
 
     def demo_left(self) -> float | None:
         """Seconds left in the whole demo, or None while nothing can be estimated yet."""
@@ -144,6 +148,7 @@ class DemoProgress:
         self.run_start = self.clock()
         self.train_end = None
         self.epoch_seconds, self.epochs_done = [], 0
+        self.last_epoch_end = self.run_start
         self.parser = EpochLogParser()
 
     def on_training_line(self, line: str) -> bool:
@@ -153,6 +158,7 @@ class DemoProgress:
             return False
         self.epoch_seconds.append(report.seconds)
         self.epochs_done = report.epoch + 1
+        self.last_epoch_end = self.clock()
         loss = "n/a" if report.loss is None else f"{report.loss:.3f}"
         self.out(f"{self._prefix()} epoch {self.epochs_done}/{self.epochs}  loss {loss}  {self._times()}")
         return True

@@ -83,6 +83,8 @@ def test_progress_lines_and_estimates():
     assert progress.run_left() == pytest.approx(70.0)
     assert progress.demo_left() == pytest.approx(130.0)
     assert lines[-1].endswith("run left ~1:10  demo left ~2:10")
+    clock.now += 15  # the next epoch is under way: the estimates count down
+    assert progress.run_left() == pytest.approx(55.0) and progress.demo_left() == pytest.approx(115.0)
 
 
 def test_steps_before_the_first_run_show_the_demo_clock():
