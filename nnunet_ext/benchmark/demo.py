@@ -195,7 +195,9 @@ def run_demo(work_dir: str | Path, epochs: int | None = None, iterations: int | 
               heartbeat_seconds)
 
     train_env = {**env, "nnUNet_n_proc_DA": "0"}  # augmentation in the main process: 2 CPU cores
-    labels = [v for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items() if k != "background"]
+    label_values = {k: v for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items()
+                    if k != "background"}
+    labels = list(label_values.values())
     rows = []
     for index, (trainer, budget_name) in enumerate(budget.items(), 1):
         progress.start_run(index, trainer)
@@ -242,7 +244,7 @@ def run_demo(work_dir: str | Path, epochs: int | None = None, iterations: int | 
         progress.finish_run()
         progress.step(f"mean Dice {rows[-1]['mean_dice']:.3f}")
 
-    dice_png = plot_demo_dice(rows, work / "demo_dice.png")
+    dice_png = plot_demo_dice(rows, work / "demo_dice.png", {str(v): k for k, v in label_values.items()})
     report = format_report(rows, epochs, iterations, config, excluded=classification_trainers(),
                            dice_png=dice_png.name, logs=logs)
     print("\n" + report)

@@ -18,15 +18,19 @@ def _number(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def plot_demo_dice(rows: Sequence[dict], path: str | Path) -> Path:
-    """Per-label and mean Dice of every trainer as grouped bars (the benchmark's plot, one seed)."""
+def plot_demo_dice(rows: Sequence[dict], path: str | Path, label_names: dict[str, str] | None = None) -> Path:
+    """Per-label and mean Dice of every trainer as grouped bars (the benchmark's plot, one seed).
+
+    ``label_names``: ``{label value: name}`` for the axis (default: ``label <value>``).
+    """
     from nnunet_ext.benchmark.plots import plot_dice_bars
 
     labels = sorted({k for row in rows for k in row["dice_per_label"]}, key=int)
     bar_rows = [{"label": row["trainer"], "role": "baseline" if row["trainer"] == "nnUNetTrainer" else "method",
                  "dice": {k: {"mean": row["dice_per_label"][k], "std": None} for k in labels},
                  "mean_dice": {"mean": row["mean_dice"], "std": None}} for row in rows]
-    return plot_dice_bars(bar_rows, {k: f"label {k}" for k in labels}, path)
+    names = label_names or {}
+    return plot_dice_bars(bar_rows, {k: names.get(k, f"label {k}") for k in labels}, path)
 
 
 def format_report(rows: Sequence[dict], epochs: int, iterations: int, configuration: str = "3d_fullres",
@@ -62,10 +66,10 @@ def format_report(rows: Sequence[dict], epochs: int, iterations: int, configurat
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if busy:
+        worst = max(busy, key=lambda r: r.get("load_average") or 0.0)
         lines += [f"{UNRELIABLE} Unreliable: the machine was busy while {', '.join(r['trainer'] for r in busy)} "
-                  f"trained ({'; '.join(r['busy'] for r in busy)}), so these wall-clock times measure the other "
-                  f"work as much as the trainer. Compare trainers on an idle machine; CPU time is less affected.",
-                  ""]
+                  f"trained (worst: {worst['busy']}), so these wall-clock times measure the other work as much as "
+                  f"the trainer. Compare trainers on an idle machine; CPU time is less affected.", ""]
     lines += ["`load` is the mean 1-minute load average during training; up to the number of cores it is the "
               "demo's own work.", ""]
     if dice_png:
