@@ -119,6 +119,12 @@ def check_demo_inputs(work: Path, mode: DemoMode, epochs: int, iterations: int, 
         trainer_import_lines(["nnUNetTrainer", *trainers])
     except ValueError as e:
         raise InputError(f"--trainers: {e}") from None
+    from nnunet_ext.benchmark.trainer_info import trainer_traits
+
+    not_segmentation = [t for t in trainers if t != "nnUNetTrainer" and trainer_traits(t).task_kind != "segmentation"]
+    if not_segmentation:
+        raise InputError(f"--trainers: {not_segmentation} are not segmentation trainers; the demo evaluates "
+                         f"segmentations (compare classification trainers with nnunet-ext benchmark-cls)")
     settings_file = work / SETTINGS_FILE
     if settings_file.is_file():
         previous = json.loads(settings_file.read_text())

@@ -84,6 +84,7 @@ def test_dice_picture(tmp_path):
     ({"iterations": -2}, "--iterations must be positive"),
     ({"heartbeat_seconds": 0}, "--heartbeat must be positive"),
     ({"trainers": ["NoSuchTrainer"]}, "--trainers: unknown trainer 'NoSuchTrainer'"),
+    ({"trainers": ["CAMLTrainer", "CFCMLTrainer"]}, r"--trainers: \['CFCMLTrainer'\] are not segmentation"),
 ])
 def test_demo_bad_options(tmp_path, kwargs, message):
     args = {"mode": DEMO_MODES["quick"], "epochs": 1, "iterations": 1, "trainers": [], "heartbeat_seconds": 30,
