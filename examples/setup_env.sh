@@ -9,7 +9,7 @@ extras="${1:-}"
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --upgrade pip
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: nnU-Net 2.8.1 excludes torch 2.9; these wheels are the ones the project is tested with.
 "$venv/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 "$venv/bin/python" -m pip install --quiet "$repo$extras"

@@ -184,10 +184,11 @@ def _write_module(folder: str | Path, import_lines: list[str], class_blocks: lis
 
 
 def write_budget_trainers(folder: str | Path, trainers: list[str], epochs: int, iterations: int,
-                          val_iterations: int = 5) -> dict[str, str]:
+                          val_iterations: int = 5, skip_final_validation: bool = False) -> dict[str, str]:
     """Write one budget subclass per trainer into ``folder``; returns ``{trainer: budget trainer name}``.
 
-    ``trainers`` are ``nnUNetTrainer``, trainers shipped by nnunet-ext or by nnU-Net.
+    ``trainers`` are ``nnUNetTrainer``, trainers shipped by nnunet-ext or by nnU-Net. ``skip_final_validation``
+    replaces nnU-Net's prediction of the validation cases after training (for callers that evaluate a test split).
 
     Raises:
         ValueError: for an unknown trainer or a non-positive budget (nothing is written then).
@@ -195,7 +196,8 @@ def write_budget_trainers(folder: str | Path, trainers: list[str], epochs: int, 
     budget = Budget(epochs, iterations, val_iterations)
     imports = trainer_import_lines(trainers)
     names = {trainer: budget_trainer_name(trainer, epochs, iterations) for trainer in trainers}
-    _write_module(folder, imports, [_class_lines(names[t], t, budget, None, False) for t in names])
+    _write_module(folder, imports, [_class_lines(names[t], t, budget, None, skip_final_validation)
+                                       for t in names])
     return names
 
 

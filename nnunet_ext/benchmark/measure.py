@@ -16,6 +16,11 @@ runs unchanged. The stats file is written even when the command fails:
   is an upper bound; with ``nnUNet_n_proc_DA=0`` (the benchmark's CPU default) it is exact up to sampling.
 * ``maxrss_self_mb`` / ``maxrss_children_mb``: ``getrusage`` peaks of this process and of its largest finished
   child.
+* ``cpu_user_seconds`` / ``cpu_system_seconds`` / ``cpu_seconds``: CPU time of this process plus its finished
+  (waited-for) children, from ``getrusage``; it grows far less than wall time when other work shares the CPU.
+* ``load_average_1min_mean`` / ``load_average_1min_max``: the system's 1-minute load average (``os.getloadavg``),
+  sampled with the memory; ``cpu_count``: the cores this process may use. :func:`busy_machine_reason` tells
+  from these whether wall-clock timings of the run measured other work as well.
 * ``cuda_max_memory_allocated_mb``: ``torch.cuda.max_memory_allocated`` (CUDA runs only).
 * ``predict_from_files_seconds``: time inside nnU-Net's ``nnUNetPredictor.predict_from_files`` (preprocessing,
   sliding window, export of all cases, worker start-up; without interpreter start and model loading);
@@ -78,8 +83,43 @@ def process_tree(root_pid: int) -> list[int]:
     return tree
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def usable_cpu_count() -> int:
+    """Cores this process may run on (its CPU affinity where the platform tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+#: A run alone on the machine puts at most about one runnable thread per core into the load average
+#: (OMP_NUM_THREADS <= cores); more than this margin above the core count means other work shared the CPU.
+BUSY_LOAD_MARGIN = 0.5
+
+
+def busy_machine_reason(stats: dict) -> str | None:
+    """Why the wall-clock timings in a stats file are unreliable (other work shared the CPU), or None.
+
+    The run counts as shared when the mean 1-minute load average during it exceeded the core count by more than
+    :data:`BUSY_LOAD_MARGIN`. Stats without load samples (older files, platforms without ``getloadavg``) give None.
+    """
+    load, cores = stats.get("load_average_1min_mean"), stats.get("cpu_count")
+    if load is None or not cores:
+        return None
+    if load > cores + BUSY_LOAD_MARGIN:
+        return f"mean 1-min load average {load:.1f} on {cores} core(s)"
+    return None
+
+
 class TreeMemorySampler:
-    """Samples the summed RSS of a process tree in a background thread; ``peak_mb`` is the largest sample."""
+    """Samples the summed RSS of a process tree in a background thread; ``peak_mb`` is the largest sample.
+    The system's 1-minute load average is sampled alongside (``load_samples``)."""
 
     def __init__(self, root_pid: int | None = None, interval: float = 0.5):
         if interval <= 0:
@@ -88,12 +128,16 @@ class TreeMemorySampler:
         self.interval = interval
         self.available = os.path.isdir("/proc")
         self.peak_mb = 0.0
+        self.load_samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nnunet-ext-memory-sampler", daemon=True)
 
     def sample(self) -> float:
         total = sum(_rss_kib(pid) for pid in process_tree(self.root_pid)) / _KIB
         self.peak_mb = max(self.peak_mb, total)
+        load = _load_average()
+        if load is not None:
+            self.load_samples.append(load)
         return total
 
     def _run(self) -> None:
@@ -175,6 +219,15 @@ def run_measured(tool: str, args: list[str], stats_file: str | os.PathLike, inte
         stats["wall_seconds"] = time.perf_counter() - start
         stats["maxrss_self_mb"] = _maxrss_mb(resource.RUSAGE_SELF)
         stats["maxrss_children_mb"] = _maxrss_mb(resource.RUSAGE_CHILDREN)
+        usage_self, usage_children = resource.getrusage(resource.RUSAGE_SELF), \
+            resource.getrusage(resource.RUSAGE_CHILDREN)
+        stats["cpu_user_seconds"] = usage_self.ru_utime + usage_children.ru_utime
+        stats["cpu_system_seconds"] = usage_self.ru_stime + usage_children.ru_stime
+        stats["cpu_seconds"] = stats["cpu_user_seconds"] + stats["cpu_system_seconds"]
+        stats["cpu_count"] = usable_cpu_count()
+        loads = sampler.load_samples or ([x] if (x := _load_average()) is not None else [])
+        stats["load_average_1min_mean"] = sum(loads) / len(loads) if loads else None
+        stats["load_average_1min_max"] = max(loads) if loads else None
         stats["tree_sampled"] = sampler.available
         stats["peak_rss_mb"] = max(sampler.peak_mb, stats["maxrss_self_mb"])
         torch = sys.modules.get("torch")

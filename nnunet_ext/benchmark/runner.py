@@ -30,7 +30,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nnunet_ext.benchmark.budget import STOCK_TRAINER, Budget, write_benchmark_trainers
+from nnunet_ext.benchmark.child_process import run_logged
 from nnunet_ext.discovery import ENV_VAR, ext_trainer_path
 from nnunet_ext.errors import InputError
 
@@ -269,16 +269,6 @@ def ensure_plans(info: DatasetInfo, settings: BenchmarkSettings, env: dict, prog
 
 
 # ---------------------------------------------------------------------------------------------- child processes
-def _last_line(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 4096))
-            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-        return lines[-1] if lines else ""
-    except OSError:
-        return ""
-
-
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -289,21 +279,8 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def _run_logged(cmd: list[str], env: dict, log_file: Path, progress: Progress, settings: BenchmarkSettings) -> int:
     """Run ``cmd`` with output appended to ``log_file``; prints the log's last line every heartbeat."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a") as log:
-        log.write(f"+ {shlex.join(cmd)}\n")
-        log.flush()
-        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while True:
-                try:
-                    return process.wait(timeout=settings.heartbeat_seconds)
-                except subprocess.TimeoutExpired:
-                    progress(f"  ... running ({log_file.name}): {_last_line(log_file)[:150]}")
-        except BaseException:  # Ctrl-C: stop our child, then re-raise
-            process.terminate()
-            process.wait()
-            raise
+    return run_logged(cmd, env, log_file, settings.heartbeat_seconds,
+                      lambda last: progress(f"  ... running ({log_file.name}): {last[:150]}"))
 
 
 def child_environment(settings: BenchmarkSettings) -> dict[str, str]:
