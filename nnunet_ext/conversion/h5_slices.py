@@ -49,20 +49,11 @@ def check_contiguous(case_id: str, slices: Mapping[int, Path]) -> list[Path]:
 def slice_stack_case(case_id: str, slices: Mapping[int, Path], spacing: tuple[float, float, float],
                      image_key: str = "image", label_key: str = "label") -> VolumeCase:
     """A :class:`VolumeCase` whose z, y, x volume is the stack of the 2D slice files (slice index = z)."""
-    from nnunet_ext.conversion.hdf5 import _require_h5py, _to_sitk
+    from nnunet_ext.conversion.hdf5 import _require_h5py, _to_sitk, h5_dataset_names
 
     h5py = _require_h5py()
     files = check_contiguous(case_id, slices)
-    with_label = []
-    for path in files:
-        try:
-            with h5py.File(path, "r") as f:
-                keys = set(f.keys())
-        except OSError as e:
-            raise ConversionError(f"{path}: cannot open as HDF5 ({e})") from None
-        if image_key not in keys:
-            raise ConversionError(f"{path}: no dataset '{image_key}' (datasets: {sorted(keys)})")
-        with_label.append(label_key in keys)
+    with_label = [label_key in h5_dataset_names(path, image_key) for path in files]
     if any(with_label) and not all(with_label):
         raise ConversionError(f"case {case_id}: only some slice files have a '{label_key}' dataset")
     where = f"{files[0].parent}/{case_id}_slice_*.h5"

@@ -70,8 +70,8 @@ def _to_sitk(array: np.ndarray, axis_order: str, spacing: tuple[float, float, fl
     return image
 
 
-def _h5_case(case_id: str, path: Path, image_key: str, label_key: str, axis_order: str,
-             spacing: tuple[float, float, float]) -> VolumeCase:
+def h5_dataset_names(path: Path, image_key: str) -> set[str]:
+    """The dataset names of an HDF5 file that must hold ``image_key`` (a ConversionError naming the file if not)."""
     h5py = _require_h5py()
     try:
         with h5py.File(path, "r") as f:
@@ -80,6 +80,13 @@ def _h5_case(case_id: str, path: Path, image_key: str, label_key: str, axis_orde
         raise ConversionError(f"{path}: cannot open as HDF5 ({e})") from None
     if image_key not in keys:
         raise ConversionError(f"{path}: no dataset '{image_key}' (datasets: {sorted(keys)})")
+    return keys
+
+
+def _h5_case(case_id: str, path: Path, image_key: str, label_key: str, axis_order: str,
+             spacing: tuple[float, float, float]) -> VolumeCase:
+    h5py = _require_h5py()
+    keys = h5_dataset_names(path, image_key)
 
     def load(with_label: bool):
         with h5py.File(path, "r") as f:
