@@ -136,8 +136,11 @@ def _cmd_configure(args: argparse.Namespace) -> int:
     if os.path.exists(target_file) and not args.overwrite:
         raise InputError(f"{target_file} exists; pass --overwrite to replace it")
     where = f"--config file {args.config}" if args.config else f"the default {args.method} settings"
+    from nnunet_ext.cfcml.commands import tabular_warnings_as_lines
+
     try:
-        path = write_derived_plans(folder, args.p, target, args.method, settings, overwrite=args.overwrite)
+        with tabular_warnings_as_lines(f"nnunet-ext configure {args.method}"):
+            path = write_derived_plans(folder, args.p, target, args.method, settings, overwrite=args.overwrite)
     except InputError:  # already names its file (e.g. CFCML's tabular.csv)
         raise
     except (KeyError, ValueError, FileNotFoundError) as error:

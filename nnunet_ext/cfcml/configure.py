@@ -17,12 +17,14 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from nnunet_ext.cfcml.configured_table import TABLE_RECORD_KEY, write_configured_copy
+from nnunet_ext.cfcml.prediction_table import TabularDataWarning
 from nnunet_ext.cfcml.tabular import (
     TABULAR_CSV,
     TABULAR_JSON,
@@ -146,11 +148,15 @@ def write_stratified_splits(preprocessed_folder: str, table: TabularTable, ident
         raise TabularDataError(f"{len(identifiers)} training cases cannot be split into {n_splits} folds")
     classes, counts = np.unique(labels, return_counts=True)
     too_few = {table.schema.classes[int(c)]: int(n) for c, n in zip(classes, counts) if n < n_splits}
-    if too_few:  # a validation fold without a class has no macro AUC (sklearn would warn or fail obscurely)
-        raise TabularDataError(
-            f"a stratified {n_splits}-fold split needs at least {n_splits} training cases per class; "
-            f"{', '.join(f'{name!r} has {n}' for name, n in too_few.items())}. Add cases, or write your own "
-            f"{path} before running configure (an existing split is kept)")
+    if too_few:
+        described = ", ".join(f"{name!r} has {n}" for name, n in too_few.items())
+        if len(too_few) == len(classes):  # sklearn's StratifiedKFold cannot split at all
+            raise TabularDataError(
+                f"a stratified {n_splits}-fold split needs at least {n_splits} training cases in some class; "
+                f"{described}. Add cases, or write your own {path} before running configure (an existing split "
+                f"is kept)")
+        warnings.warn(f"fewer training cases than {n_splits} folds: {described}; some validation folds have no "
+                      f"case of these classes (their per-fold macro AUC leaves them out)", TabularDataWarning)
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     splits = [{"train": [identifiers[i] for i in tr], "val": [identifiers[i] for i in va]}
               for tr, va in folds.split(identifiers, labels)]

@@ -165,18 +165,31 @@ class _LabelTable:
         return self._torch.tensor([self._labels[i] for i in identifiers])
 
 
-@pytest.mark.parametrize("counts, message", [
-    ((6, 4), r"'melanoma' has 4"),
-    ((3, 2), r"'nevus' has 3, 'melanoma' has 2"),  # fewer than 5 in every class: sklearn's own raw error before
-])
-def test_stratified_split_refuses_a_class_with_fewer_cases_than_folds(tmp_path, counts, message):
+def _two_class_labels(n_first: int, n_second: int) -> dict[str, int]:
+    labels = {f"case_{i:02d}": 0 for i in range(n_first)}
+    labels.update({f"case_{n_first + i:02d}": 1 for i in range(n_second)})
+    return labels
+
+
+def test_stratified_split_refuses_when_no_class_has_enough_cases(tmp_path):
+    """Fewer cases than folds in every class: sklearn's own raw error before, now a message naming the classes."""
     from nnunet_ext.cfcml.configure import write_stratified_splits
 
-    labels = {f"case_{i:02d}": 0 for i in range(counts[0])}
-    labels.update({f"case_{counts[0] + i:02d}": 1 for i in range(counts[1])})
-    with pytest.raises(TabularDataError, match=f"at least 5 training cases per class; {message}"):
+    labels = _two_class_labels(3, 2)
+    with pytest.raises(TabularDataError, match="at least 5 training cases in some class; 'nevus' has 3, 'melanoma' "
+                                               "has 2"):
         write_stratified_splits(str(tmp_path), _LabelTable(labels, ("nevus", "melanoma")), list(labels))
     assert not (tmp_path / "splits_final.json").exists()
+
+
+def test_stratified_split_warns_about_a_class_with_fewer_cases_than_folds(tmp_path):
+    from nnunet_ext.cfcml.configure import write_stratified_splits
+    from nnunet_ext.cfcml.prediction_table import TabularDataWarning
+
+    labels = _two_class_labels(16, 4)
+    with pytest.warns(TabularDataWarning, match="'melanoma' has 4; some validation folds have no case"):
+        path = write_stratified_splits(str(tmp_path), _LabelTable(labels, ("nevus", "melanoma")), list(labels))
+    assert sum(len(s["val"]) for s in json.loads(open(path).read())) == 20
 
 
 def test_stratified_split_with_enough_cases_per_class(tmp_path):
