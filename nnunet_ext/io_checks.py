@@ -1,4 +1,4 @@
-"""Checks of input files that their readers do not make.
+"""Checks of input files that their readers do not make, and their content hash.
 
 SimpleITK (and nibabel) read a truncated ``.nii.gz`` without complaint once the header is complete: the missing
 voxels come back as zeros. Python's :mod:`gzip` does check the stream end (the CRC-32 and length trailer), so
@@ -7,6 +7,7 @@ reading a compressed file to its end once, in chunks, tells whether it is comple
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import zlib
 
@@ -42,3 +43,13 @@ def verify_gzip_complete(path: str | os.PathLike, error: type[InputError] = Inpu
     except (gzip.BadGzipFile, zlib.error) as e:
         raise error(f"{os.fspath(path)}: not a valid gzip file ({e}); replace it with a complete, uncorrupted "
                     f"copy") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (the content fingerprint of provenance records, unlabeled
+    manifests and configured CFCML tables)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from nnunet_ext.benchmark.budget import STOCK_TRAINER, Budget
 from nnunet_ext.benchmark.runner import BenchmarkError, BenchmarkSettings, Run
+from nnunet_ext.io_checks import file_sha256
 
 if TYPE_CHECKING:  # classification imports this module
     from nnunet_ext.benchmark.classification import (
@@ -54,20 +55,10 @@ if TYPE_CHECKING:  # classification imports this module
 
 RECORD_FILE = "provenance.json"
 RECORD_FORMAT = 1
-CHUNK_BYTES = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # ---------------------------------------------------------------------------------------------- hashing
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's content, read in 1 MB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def json_sha256(value: object) -> str:
     """sha256 of a JSON value in canonical form (sorted keys), so formatting does not matter."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -12,13 +12,13 @@ they keep working and are checked against that copy's hash.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Mapping
 from typing import Any
 
 from nnunet_ext.cfcml.tabular import TABULAR_CSV, TABULAR_JSON, TabularDataError
+from nnunet_ext.io_checks import file_sha256
 
 TABLE_RECORD_KEY = "table"
 CONFIGURED_TABLES_DIR = "tabular"
@@ -28,11 +28,7 @@ def sha256_of(path: str | os.PathLike | None) -> str | None:
     """Hex sha256 of a file's bytes (None for no file)."""
     if path is None or not os.path.isfile(path):
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def configured_folder(preprocessed_folder: str, plans_name: str) -> str:

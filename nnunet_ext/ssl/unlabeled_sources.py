@@ -11,24 +11,14 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from nnunet_ext.errors import InputError
-from nnunet_ext.io_checks import verify_gzip_complete
+from nnunet_ext.io_checks import file_sha256, verify_gzip_complete
 
-_CHUNK = 1 << 20
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_record(files: Sequence[str]) -> list[dict]:
@@ -37,7 +27,7 @@ def source_record(files: Sequence[str]) -> list[dict]:
     for path in files:
         stat = os.stat(path)
         record.append({"file": os.path.basename(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                       "sha256": _sha256(path)})
+                       "sha256": file_sha256(path)})
     return record
 
 
@@ -56,7 +46,7 @@ def unchanged_record(record: Sequence[dict] | None, files: Sequence[str]) -> lis
         if stat.st_size != entry.get("size"):
             return None
         if stat.st_mtime_ns != entry.get("mtime_ns"):  # touched or rewritten: compare the contents
-            if _sha256(path) != entry.get("sha256"):
+            if file_sha256(path) != entry.get("sha256"):
                 return None
             entry = {**entry, "mtime_ns": stat.st_mtime_ns}
         current.append(dict(entry))
