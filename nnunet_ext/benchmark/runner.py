@@ -449,12 +449,12 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
 
     run_dir, fold_dir = run.run_dir(settings), run.fold_dir(settings)
     name = f"{run.label} [{run.dataset.name}] seed {run.seed}"
-    check_reusable(run, settings)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if run.inputs is not None:
+    check_run_folder_reusable(run_dir, _settings_key(settings))
+    if run.inputs is not None:  # checks the provenance (as check_reusable) and discards stale outputs
         from nnunet_ext.benchmark.provenance import prepare_segmentation_run
 
         prepare_segmentation_run(run, settings, progress, name)
+    run_dir.mkdir(parents=True, exist_ok=True)
     commands = _commands(run, settings, plans_file)
     record = {
         "key": run.key(settings), "role": run.role, "label": run.label, "trainer": run.trainer,
