@@ -22,17 +22,6 @@ from nnunet_ext.cfcml.prediction_table import read_prediction_table
 from nnunet_ext.cfcml.tabular import TABULAR_CSV, TabularDataError, TabularSchema, TabularTable
 
 
-def model_folder(dataset: str | int, trainer: str, plans: str, configuration: str) -> str:
-    from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    folder = os.path.join(str(nnUNet_results), maybe_convert_to_dataset_name(dataset),
-                          f"{trainer}__{plans}__{configuration}")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder {folder} does not exist; train with nnUNetv2_train first")
-    return folder
-
-
 def load_fold_network(folder: str, fold: int | str, checkpoint_name: str, device: torch.device):
     """``(network in eval mode, plans_manager, configuration_manager, dataset_json, trainer class)`` of one fold."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -104,17 +93,19 @@ def predict_classification(images_dir: str, tabular_csv: str | None, output_csv:
         TabularDataError: cases without a tabular row (listed), unless ``allow_missing_tabular``; feature columns
             absent from the table (listed), unless ``allow_missing_columns``; a bad cell.
         FileExistsError: ``output_csv`` exists (never overwritten).
+        InputError: no trained model folder, or a fold without ``checkpoint_name``.
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
+    from nnunet_ext.inputs import require_model_folder
     from nnunet_ext.plans import method_settings
 
     if os.path.exists(output_csv):
         raise FileExistsError(f"{output_csv} exists; choose another output file")
     torch_device = torch.device(device)
-    folder = model_folder(dataset, trainer, plans, configuration)
+    folder = require_model_folder(dataset, trainer, plans, configuration, folds, checkpoint_name)
     plans_manager = PlansManager(os.path.join(folder, "plans.json"))
     block = method_settings(plans_manager, "cfcml")
     schema = TabularSchema.from_dict(block["schema"])
