@@ -27,3 +27,18 @@ class ACTIONTrainer_paperSchedule(ActionTrainerBase):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 360
+
+
+class ACTIONTrainer_plannedBatch(ActionTrainerBase):
+    """ACTIONTrainer whose labelled + unlabeled patches together make the planned batch (half each, as the official
+    2D code's 3 + 3 of stages i/ii) instead of the planned labelled batch plus as many unlabeled patches: about half
+    the network work per step, half the labelled patches per step."""
+
+    split_planned_batch = True
+
+
+class ACTIONPlusPlusTrainer_plannedBatch(ActionPlusPlusTrainerBase):
+    """ACTIONPlusPlusTrainer with the planned batch split between labelled and unlabeled patches (see
+    ``ACTIONTrainer_plannedBatch``)."""
+
+    split_planned_batch = True

@@ -113,6 +113,7 @@ class AnatomicalContrastLoss(nn.Module):
         prototypes = F.normalize(torch.stack([p.detach().float().mean(0) for p in prototype_features]), dim=1)
         pool_all = torch.cat(pools)
         pool_sizes = torch.tensor([p.shape[0] for p in pools], device=device)
+        pool_ends = torch.cumsum(pool_sizes, 0).tolist()
         relation = prototypes @ prototypes.T / tau
         total = zero
         for c, queries in enumerate(query_features):
@@ -122,8 +123,13 @@ class AnatomicalContrastLoss(nn.Module):
             others = relation[c].clone()
             others[c] = float("-inf")
             _, index = sample_negatives(torch.softmax(others, 0), pool_sizes, q.shape[0], self.num_negatives)
+            # the own pool is never drawn: similarities to the other pools only (the largest pool is often the
+            # query's own background), indices after the own pool shifted down by its size
+            start, end = pool_ends[c] - prototype_features[c].shape[0], pool_ends[c]
+            other_pools = torch.cat([pool_all[:start], pool_all[end:]])
+            index = torch.where(index >= end, index - (end - start), index)
             positive = (q @ prototypes[c]) / tau                         # [N_q]
-            negative = torch.gather(q @ pool_all.T / tau, 1, index)      # [N_q, N_k]
+            negative = torch.gather(q @ other_pools.T / tau, 1, index)   # [N_q, N_k]
             logits = torch.cat([positive.unsqueeze(1), negative], 1)
             target = torch.zeros(q.shape[0], dtype=torch.long, device=device)
             total = total + F.cross_entropy(logits, target)

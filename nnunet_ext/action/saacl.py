@@ -126,17 +126,22 @@ class SupervisedAnatomicalContrastLoss(nn.Module):
             return student.float().sum() * 0
         f = F.normalize(student.float(), dim=1)
         t = F.normalize(teacher.detach().float(), dim=1)
-        queue = F.normalize(queue_features.detach().float(), dim=1)
+        filled = queue_labels >= 0  # empty slots (label -1) are neither positives nor in the softmax
+        queue = F.normalize(queue_features.detach().float()[filled], dim=1)
+        queue_labels = queue_labels[filled].long()
         centres = F.normalize(centres.detach().float(), dim=1)
         labels = labels.long()
-        logit_teacher = (f * t).sum(1, keepdim=True) / tau                     # [n, 1]
-        logit_queue = (f @ queue.T / tau).masked_fill((queue_labels < 0).unsqueeze(0), float("-inf"))
+        num_classes = centres.shape[0]
+        logit_teacher = (f * t).sum(1) / tau                                   # [n]
         logit_centres = f @ centres.T / tau                                    # [n, K]
-        log_prob = F.log_softmax(torch.cat([logit_teacher, logit_queue, logit_centres], 1), dim=1)
-        n_queue = queue.shape[0]
-        same_class = (queue_labels.unsqueeze(0) == labels.unsqueeze(1)).float()  # [n, Q]
-        positives_queue = (log_prob[:, 1:1 + n_queue].masked_fill(same_class == 0, 0.0)).sum(1)
-        centre_index = 1 + n_queue + assignment[labels]
-        log_centre = log_prob.gather(1, centre_index.unsqueeze(1)).squeeze(1)
-        numerator = log_prob[:, 0] + positives_queue + self.anchor_weight * log_centre
-        return (-numerator / (1.0 + same_class.sum(1))).mean()
+        # log-partition over [teacher, queue, centres] without materialising the concatenation
+        log_partition = torch.logsumexp(torch.stack([
+            logit_teacher, torch.logsumexp(f @ queue.T / tau, 1), torch.logsumexp(logit_centres, 1)]), 0)
+        # sum_{queue j of class y_i} log softmax_ij = f_i . (sum of those queue rows) / tau - n_{y_i} log Z_i: the
+        # per-class sums replace an [n, Q] mask (same value, no [n, Q] masking in forward or backward)
+        class_sums = torch.zeros(num_classes, queue.shape[1], device=f.device).index_add_(0, queue_labels, queue)
+        class_counts = torch.bincount(queue_labels, minlength=num_classes).to(f.dtype)
+        positives_queue = (f * class_sums[labels]).sum(1) / tau - class_counts[labels] * log_partition
+        log_centre = logit_centres.gather(1, assignment[labels].unsqueeze(1)).squeeze(1) - log_partition
+        numerator = (logit_teacher - log_partition) + positives_queue + self.anchor_weight * log_centre
+        return (-numerator / (1.0 + class_counts[labels])).mean()

@@ -194,9 +194,13 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         return value if value is not None else (two_d if self.spatial_dims == 2 else three_d)
 
     @property
-    def unlabeled_rows(self) -> int:
-        """Unlabeled images per step over all ranks (the plans' batch size when 1:1)."""
-        return self.unlabeled_batch_size or self.configuration_manager.batch_size
+    def images_per_step(self) -> int:
+        """Labelled + unlabeled images per step over all ranks: the plans' batch twice when 1:1, once with
+        ``split_planned_batch``."""
+        planned = self.configuration_manager.batch_size
+        if self.split_planned_batch:
+            return planned
+        return planned + (self.unlabeled_batch_size or planned)
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
         net = check_unet_like(self.network)
@@ -209,8 +213,7 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         rep_dim = self._resolved(self.rep_dim, 256, 128)
         # from the plans' global batch (= self.batch_size in one process): the queues receive every rank's rows,
         # and their shapes must not depend on the number of ranks so that checkpoints resume on any number
-        images_per_step = self.configuration_manager.batch_size + self.unlabeled_rows
-        entries = max(self.queue_entries, 4 * images_per_step)
+        entries = max(self.queue_entries, 4 * self.images_per_step)
         self.local_geometry = LocalWindowGeometry.from_patch(self.configuration_manager.patch_size,
                                                              self._resolved(self.local_cells, 8, 4))
         global_q = GlobalProjector(bottleneck_channels(net), global_dim)

@@ -11,7 +11,12 @@ from helpers_nnunet import planned_tiny_root, set_nnunet_paths
 
 from nnunet_ext.action.trainer import ActionPlusPlusTrainerBase, ActionTrainerBase
 from nnunet_ext.compat import unwrap
-from nnunet_ext_trainers.action_trainers import ACTIONPlusPlusTrainer, ACTIONTrainer
+from nnunet_ext_trainers.action_trainers import (
+    ACTIONPlusPlusTrainer,
+    ACTIONPlusPlusTrainer_plannedBatch,
+    ACTIONTrainer,
+    ACTIONTrainer_plannedBatch,
+)
 
 DATASET = 994
 NAME = "Tiny"
@@ -64,24 +69,24 @@ def make_trainer(planned, monkeypatch):
     return make
 
 
-def _batches(trainer, seed: int) -> tuple[dict, dict]:
+def _batches(trainer, seed: int, labelled: int = 2, unlabeled_rows: int = 2) -> tuple[dict, dict]:
     """A labelled batch (deep-supervision targets) and an unlabeled batch with a padded slab, from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     patch = trainer.configuration_manager.patch_size
-    data = torch.randn((2, trainer.num_input_channels, *patch), generator=g)
+    data = torch.randn((labelled, trainer.num_input_channels, *patch), generator=g)
     with torch.no_grad():
         shapes = [o.shape[2:] for o in trainer.network(data)]
-    labels = torch.randint(0, 3, (2, 1, *patch), generator=g).float()
+    labels = torch.randint(0, 3, (labelled, 1, *patch), generator=g).float()
     target = [torch.nn.functional.interpolate(labels, size=s, mode="nearest") for s in shapes]
-    valid = torch.ones((2, 1, *patch), dtype=torch.bool)
+    valid = torch.ones((unlabeled_rows, 1, *patch), dtype=torch.bool)
     valid[:, :, :4] = False
-    unlabeled = {"data": torch.randn((2, trainer.num_input_channels, *patch), generator=g), "valid": valid,
-                 "keys": ["u0", "u1"]}
-    return {"data": data, "target": target, "keys": ["a", "b"]}, unlabeled
+    unlabeled = {"data": torch.randn((unlabeled_rows, trainer.num_input_channels, *patch), generator=g),
+                 "valid": valid, "keys": [f"u{i}" for i in range(unlabeled_rows)]}
+    return {"data": data, "target": target, "keys": [f"l{i}" for i in range(labelled)]}, unlabeled
 
 
-def _step(trainer, seed: int) -> dict:
-    batch, unlabeled = _batches(trainer, seed)
+def _step(trainer, seed: int, labelled: int = 2, unlabeled_rows: int = 2) -> dict:
+    batch, unlabeled = _batches(trainer, seed, labelled, unlabeled_rows)
     trainer.dataloader_unlabeled = iter([unlabeled])
     return trainer.train_step(batch)
 
@@ -256,6 +261,34 @@ def test_stage_iii_runs_the_teacher_once_per_step(make_trainer, cls, rows_per_pa
                 assert torch.allclose(joint, alone, atol=1e-5)
         else:
             assert labelled_features is None
+
+
+@pytest.mark.parametrize("shipped", [ACTIONTrainer_plannedBatch, ACTIONPlusPlusTrainer_plannedBatch])
+def test_planned_batch_variants_split_the_planned_batch_and_train_every_stage(make_trainer, shipped):
+    """issue 15: labelled + unlabeled patches per step = the planned batch; queues sized for that many images."""
+
+    class _Planned(_Small, shipped):
+        pass
+
+    planned_batch = 3  # odd: 2 labelled + 1 unlabeled
+    trainer = make_trainer(_Planned, plans_update=_batch_size_update(make_trainer, planned_batch))
+    labelled, unlabeled_rows = planned_batch - planned_batch // 2, planned_batch // 2
+    assert (trainer.batch_size, trainer.unlabeled_batch_size_per_rank()) == (labelled, unlabeled_rows)
+    assert trainer.images_per_step == planned_batch
+    assert trainer.extra_modules["global_queue"].size == max(trainer.queue_entries, 4 * planned_batch)
+    for epoch in range(4):  # stages i, ii, ii, iii
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        output = _step(trainer, epoch, labelled, unlabeled_rows)
+        assert math.isfinite(float(output["loss"])), epoch
+    assert trainer.action_stage == 2
+
+
+def _batch_size_update(make_trainer, batch_size: int) -> dict:
+    plans = make_trainer(_SmallAction, initialize=False).plans_manager.plans
+    update = copy.deepcopy(plans["configurations"])
+    update["3d_fullres"]["batch_size"] = batch_size
+    return {"configurations": update}
 
 
 def test_temperature_schedules_of_action_plus_plus(make_trainer):

@@ -135,6 +135,42 @@ def test_anco_known_value_with_one_negative_class():
     assert float(loss) == pytest.approx(per_query / 2, rel=1e-5)
 
 
+def _dense_anco_reference(prototype_features, query_features, num_negatives, tau):
+    """L_anco with similarities to every pool row, gathered at the sampled negatives (the draws of
+    ``sample_negatives`` in the same order as the loss, so the same global RNG state gives the same negatives)."""
+    pools = [F.normalize(p.float(), dim=1) for p in prototype_features]
+    prototypes = F.normalize(torch.stack([p.float().mean(0) for p in prototype_features]), dim=1)
+    pool_all, sizes = torch.cat(pools), torch.tensor([p.shape[0] for p in pools])
+    relation, total = prototypes @ prototypes.T / tau, 0.0
+    for c, queries in enumerate(query_features):
+        if queries.shape[0] == 0:
+            continue
+        q = F.normalize(queries.float(), dim=1)
+        others = relation[c].clone()
+        others[c] = float("-inf")
+        _, index = sample_negatives(torch.softmax(others, 0), sizes, q.shape[0], num_negatives)
+        logits = torch.cat([((q @ prototypes[c]) / tau).unsqueeze(1), torch.gather(q @ pool_all.T / tau, 1, index)], 1)
+        total = total + F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+    return total / len(prototype_features)
+
+
+@pytest.mark.parametrize("sizes, with_queries", [
+    ((30, 7, 12), (True, True, True)), ((5, 40, 9, 3), (False, True, True, True)), ((8, 8), (True, False))])
+def test_anco_equals_the_dense_similarity_formulation_in_value_and_gradient(sizes, with_queries):
+    generator = torch.Generator().manual_seed(len(sizes))
+    prototypes = [torch.randn(n, 6, generator=generator) for n in sizes]
+    queries = [torch.randn(5 if keep else 0, 6, generator=generator).requires_grad_(True) for keep in with_queries]
+    torch.manual_seed(3)
+    loss = AnatomicalContrastLoss(num_negatives=20, temperature=0.4)(prototypes, queries)
+    grads = torch.autograd.grad(loss, [q for q in queries if q.shape[0]])
+    torch.manual_seed(3)
+    reference = _dense_anco_reference(prototypes, queries, 20, 0.4)
+    reference_grads = torch.autograd.grad(reference, [q for q in queries if q.shape[0]])
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    for grad, reference_grad in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_anco_is_zero_with_one_valid_class_and_gradients_reach_only_queries():
     q = torch.randn(4, 3, requires_grad=True)
     assert float(AnatomicalContrastLoss()([torch.randn(5, 3)], [q])) == 0.0

@@ -72,6 +72,40 @@ def test_saacl_known_value():
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
+def _dense_saacl_reference(f, t, labels, queue, queue_labels, centres, assignment, lam, tau):
+    """ACTION++ eq. 3-4 written as the full softmax over [teacher, queue, centres] with an [n, Q] positive mask."""
+    f, t = F.normalize(f, dim=1), F.normalize(t, dim=1)
+    queue, centres = F.normalize(queue, dim=1), F.normalize(centres, dim=1)
+    logit_queue = (f @ queue.T / tau).masked_fill((queue_labels < 0).unsqueeze(0), float("-inf"))
+    log_p = F.log_softmax(torch.cat([(f * t).sum(1, keepdim=True) / tau, logit_queue, f @ centres.T / tau], 1), 1)
+    same = (queue_labels.unsqueeze(0) == labels.unsqueeze(1)).float()
+    positives = log_p[:, 1:1 + queue.shape[0]].masked_fill(same == 0, 0.0).sum(1)
+    centre = log_p.gather(1, (1 + queue.shape[0] + assignment[labels]).unsqueeze(1)).squeeze(1)
+    return (-(log_p[:, 0] + positives + lam * centre) / (1.0 + same.sum(1))).mean()
+
+
+@pytest.mark.parametrize("queue_size, empty", [(40, 0), (40, 15), (7, 7), (1, 0)])
+def test_saacl_equals_the_dense_softmax_formulation_in_value_and_gradient(queue_size, empty):
+    generator = torch.Generator().manual_seed(queue_size + empty)
+    n, d, k, lam, tau = 12, 8, 3, 0.2, 0.3
+    student = torch.randn(n, d, generator=generator, dtype=torch.float64).float().requires_grad_(True)
+    teacher = torch.randn(n, d, generator=generator)
+    labels = torch.randint(0, k, (n,), generator=generator)
+    queue = torch.randn(queue_size, d, generator=generator)
+    queue_labels = torch.randint(0, k, (queue_size,), generator=generator)
+    queue_labels[:empty] = -1
+    centres, assignment = simplex_centres(k, d), torch.tensor([2, 0, 1])
+    loss = SupervisedAnatomicalContrastLoss(lam, tau)(student, teacher, labels, queue, queue_labels, centres,
+                                                      assignment)
+    (grad,) = torch.autograd.grad(loss, student)
+    reference_student = student.detach().clone().requires_grad_(True)
+    reference = _dense_saacl_reference(reference_student, teacher, labels, queue, queue_labels, centres,
+                                       assignment, lam, tau)
+    (reference_grad,) = torch.autograd.grad(reference, reference_student)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_saacl_gradients_only_reach_the_student_and_empty_input_is_zero():
     torch.manual_seed(0)
     s = torch.randn(6, 4, requires_grad=True)
