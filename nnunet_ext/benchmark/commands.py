@@ -16,7 +16,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         final_validation=args.final_validation, tta=args.tta, da_workers=args.da_workers,
         predict_processes=args.predict_processes, overwrite=args.overwrite,
         heartbeat_seconds=args.heartbeat, missing_channels=tuple(args.missing_channels),
-        equal_time=args.equal_time,
+        equal_time=args.equal_time, equal_time_costs=args.equal_time_costs,
     )
     results = run_benchmark(settings)  # bad input raises BenchmarkError before any run starts
     print()
@@ -73,4 +73,9 @@ def register(subparsers) -> None:
                    help="also train stock nnUNetTrainer, per method and seed, for as long as the method took: same "
                         "epochs, training iterations per epoch x the method's measured cost ratio (its seconds per "
                         "iteration / stock's); reported as 'stock, same time (<method>)' with paired statistics")
+    p.add_argument("--equal-time-costs", default=None, metavar="RESULTS_JSON",
+                   help="with --equal-time: take the cost ratios from this results.json of another benchmark run on "
+                        "an otherwise idle machine (stock and the methods in one invocation; same dataset, "
+                        "configuration, plans, device, epochs and iterations) instead of from these runs, whose "
+                        "timings are only fair when nothing else ran beside them")
     p.set_defaults(func=_cmd_benchmark)

@@ -16,6 +16,12 @@ benchmark have been measured, for every method and seed whose runs finished:
 
 The runs appear as ``stock, same time (<Method>)`` (role ``equal_time``) and are compared with their method by
 :func:`nnunet_ext.benchmark.statistics.segmentation_statistics`.
+
+With ``--equal-time-costs RESULTS_JSON`` the cost ratios come instead from another benchmark's ``results.json``: a
+cost measurement made on an otherwise idle machine (stock and the methods in one invocation, same dataset,
+configuration, plans, device and budget), one ratio per method (mean seconds per iteration over its seeds / stock's)
+for every seed. That keeps long quality runs usable when the machine was shared while they trained, which makes
+their own timings useless for the ratio; the report names the file.
 """
 from __future__ import annotations
 
@@ -49,13 +55,72 @@ def equal_time_budget(budget: Budget, cost_ratio: float) -> Budget:
     return Budget(budget.epochs, max(1, round(budget.iterations * cost_ratio)), budget.val_iterations)
 
 
+def cost_ratios_from_results(path: Path, dataset_name: str, configuration: str, plans: str, device: str,
+                             budget: Budget, methods: Sequence[str]) -> dict[str, dict]:
+    """Per method, the cost ratio to stock measured by another benchmark invocation (``--equal-time-costs``).
+
+    Args:
+        path: that invocation's ``results.json``.
+        dataset_name, configuration, plans, device, budget: must equal the cost run's (a multi-stage trainer's cost
+            per iteration depends on how the epochs split into stages, so the budget must match too).
+        methods: the method labels that need a ratio.
+
+    Returns:
+        ``{method: {"cost_ratio", "method_seconds_per_iteration", "stock_seconds_per_iteration", "seeds"}}``, the
+        seconds per iteration being means over the cost run's finished seeds.
+
+    Raises:
+        BenchmarkError: unreadable file, other settings, or a method (or stock) without a finished timed run.
+    """
+    from nnunet_ext.benchmark.runner import BenchmarkError
+    from nnunet_ext.errors import InputError
+    from nnunet_ext.inputs import load_json_file
+
+    try:
+        results = load_json_file(path, "cost results (--equal-time-costs)")
+    except InputError as error:
+        raise BenchmarkError(str(error)) from None
+    wanted = {"dataset_name": dataset_name, "configuration": configuration, "plans": plans, "device": device,
+              "budget": {"epochs": budget.epochs, "iterations": budget.iterations}}
+    found = dict((results.get("settings") or {}))
+    found["budget"] = {k: (found.get("budget") or {}).get(k) for k in ("epochs", "iterations")}
+    different = [f"{key} {found.get(key)!r} (this benchmark: {value!r})" for key, value in wanted.items()
+                 if found.get(key) != value]
+    if different:
+        raise BenchmarkError(f"--equal-time-costs {path} was measured with other settings: {'; '.join(different)}. "
+                             f"Measure the cost with the same dataset, configuration, plans, device, epochs and "
+                             f"iterations")
+
+    def mean_timing(role: str, label: str | None = None) -> tuple[float | None, list[int]]:
+        timed = [(r["seed"], _seconds_per_iteration(r)) for r in results.get("runs", [])
+                 if r.get("role") == role and (label is None or r.get("label") == label) and r.get("status") == "ok"]
+        timed = [(seed, value) for seed, value in timed if value is not None]
+        return (sum(v for _, v in timed) / len(timed) if timed else None), sorted(seed for seed, _ in timed)
+
+    stock_spi, _ = mean_timing("baseline")
+    if stock_spi is None:
+        raise BenchmarkError(f"--equal-time-costs {path} has no finished, timed stock nnUNetTrainer run")
+    ratios = {}
+    for method in methods:
+        method_spi, seeds = mean_timing("method", method)
+        if method_spi is None:
+            raise BenchmarkError(f"--equal-time-costs {path} has no finished, timed run of {method}; add it to that "
+                                 f"cost benchmark (same invocation as its stock run)")
+        ratios[method] = {"cost_ratio": method_spi / stock_spi, "method_seconds_per_iteration": method_spi,
+                          "stock_seconds_per_iteration": stock_spi, "seeds": seeds}
+    return ratios
+
+
 def _seconds_per_iteration(record: Mapping | None) -> float | None:
     value = ((record or {}).get("training") or {}).get("seconds_per_iteration")
     return float(value) if value is not None and math.isfinite(value) and value > 0 else None
 
 
-def plan_equal_time_runs(records: Sequence[Mapping], budget: Budget) -> list[dict]:
+def plan_equal_time_runs(records: Sequence[Mapping], budget: Budget,
+                         measured_ratios: Mapping[str, Mapping] | None = None) -> list[dict]:
     """Per (method, seed) run: its cost ratio to stock of the same seed and the equal-time budget.
+
+    ``measured_ratios`` (from :func:`cost_ratios_from_results`) replaces the ratio of the runs' own timings.
 
     Returns:
         ``[{"method", "seed", "method_seconds_per_iteration", "stock_seconds_per_iteration", "cost_ratio",
@@ -69,6 +134,9 @@ def plan_equal_time_runs(records: Sequence[Mapping], budget: Budget) -> list[dic
             continue
         seed = record["seed"]
         method_spi, stock_spi = _seconds_per_iteration(record), _seconds_per_iteration(stock.get(seed))
+        if measured_ratios is not None:
+            measured = measured_ratios[record["label"]]
+            method_spi, stock_spi = measured["method_seconds_per_iteration"], measured["stock_seconds_per_iteration"]
         plan = {"method": record["label"], "seed": seed, "method_seconds_per_iteration": method_spi,
                 "stock_seconds_per_iteration": stock_spi, "cost_ratio": None, "budget": None,
                 "budget_trainer": None, "skipped": None}
@@ -114,7 +182,14 @@ def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records
     from nnunet_ext.benchmark.provenance import attach_segmentation_inputs
     from nnunet_ext.benchmark.runner import BenchmarkError, Run, _prepare_output, execute_run
 
-    plans = plan_equal_time_runs(records, settings.budget)
+    measured = None
+    if settings.equal_time_costs is not None:
+        methods = [r["label"] for r in records if r["role"] == "method"]
+        measured = cost_ratios_from_results(settings.equal_time_costs, dataset.name, settings.configuration,
+                                            settings.plans, settings.device, settings.budget, methods)
+    plans = plan_equal_time_runs(records, settings.budget, measured)
+    for plan in plans:
+        plan["cost_source"] = str(settings.equal_time_costs) if measured is not None else "these runs"
     for plan in plans:
         if plan["skipped"]:
             progress(f"equal time: {plan['method']} seed {plan['seed']}: not run, {plan['skipped']}")

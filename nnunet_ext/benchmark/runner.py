@@ -74,6 +74,7 @@ class BenchmarkSettings:
     heartbeat_seconds: float = 60.0
     missing_channels: tuple[str, ...] = ()
     equal_time: bool = False
+    equal_time_costs: Path | None = None  # results.json of a quiet cost run (equal_time.cost_ratios_from_results)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output).resolve()
@@ -89,6 +90,11 @@ class BenchmarkSettings:
                 raise BenchmarkError(f"fold must be 'all' or a non-negative integer, got {self.fold!r}") from None
         if self.device not in ("cpu", "cuda", "mps"):
             raise BenchmarkError(f"device must be cpu, cuda or mps, got {self.device!r}")
+        if self.equal_time_costs is not None:
+            if not self.equal_time:
+                raise BenchmarkError("--equal-time-costs only sets where --equal-time takes its cost ratios from; "
+                                     "add --equal-time")
+            self.equal_time_costs = Path(self.equal_time_costs).resolve()
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise BenchmarkError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
         if self.da_workers is not None and self.da_workers < 0:
@@ -668,6 +674,11 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     if settings.equal_time and len(trainers) < 2:
         raise BenchmarkError("--equal-time trains stock nnUNetTrainer for as long as each method trained: name at "
                              "least one segmentation trainer besides nnUNetTrainer with --trainers")
+    if settings.equal_time_costs is not None:  # checked before any run starts
+        from nnunet_ext.benchmark.equal_time import cost_ratios_from_results
+
+        cost_ratios_from_results(settings.equal_time_costs, info.name, settings.configuration, settings.plans,
+                                 settings.device, settings.budget, [t for t in trainers if t != STOCK_TRAINER])
     settings.output.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     plans_files = {info.name: ensure_plans(info, settings, env, progress)}
@@ -728,6 +739,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
             "test_images": str(info.test_images), "test_labels": str(info.test_labels), "tta": settings.tta,
             "final_validation": settings.final_validation, "missing_channels": list(settings.missing_channels),
             "equal_time": settings.equal_time,
+            "equal_time_costs": None if settings.equal_time_costs is None else str(settings.equal_time_costs),
             "nnUNet_n_proc_DA": train_env.get("nnUNet_n_proc_DA"),
             "extra_trainer_dirs": [str(d) for d in settings.extra_trainer_dirs],
             "output": str(settings.output), "versions": _versions(), "command": " ".join(sys.argv),

@@ -90,10 +90,14 @@ def equal_time_lines(plans: Sequence[Mapping]) -> list[str]:
     """The report section on ``--equal-time``: the cost ratio and budget of every "stock, same time" run."""
     if not plans:
         return []
+    sources = {p.get("cost_source", "these runs") for p in plans}
+    ratio_from = ("both runs of that seed" if sources == {"these runs"} else
+                  "means over the seeds of the cost measurement " + ", ".join(f"`{s}`" for s in sorted(sources)) +
+                  " (`--equal-time-costs`), not the timings of these runs")
     lines = ["", "## Stock with the same training time (`--equal-time`)", "",
              "Per method and seed, stock nnU-Net with the same seed and epochs, its training iterations per epoch "
-             "scaled by the method's cost ratio (method's / stock's seconds per training iteration, both runs of "
-             "that seed), rounded. The poly learning-rate schedule still spans the same epochs.", ""]
+             "scaled by the method's cost ratio (method's / stock's seconds per training iteration, "
+             f"{ratio_from}), rounded. The poly learning-rate schedule still spans the same epochs.", ""]
     body = []
     for p in plans:
         ratio = "—" if p.get("cost_ratio") is None else f"{p['cost_ratio']:.2f}"

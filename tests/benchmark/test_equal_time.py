@@ -228,3 +228,74 @@ def test_equal_time_without_a_method_is_refused_before_any_run(dataset, tmp_path
     with pytest.raises(runner.BenchmarkError, match="--equal-time .* at least one segmentation trainer"):
         runner.run_benchmark(settings)
     assert calls == []
+
+
+# ------------------------------------------------------------------------- --equal-time-costs
+def _cost_results(tmp_path, **changes) -> Path:
+    """A cost run's results.json: stock 0.1 s and the method 0.3 / 0.5 s per iteration over two seeds."""
+    settings = {"dataset_name": "Dataset979_EqualTime", "configuration": "3d_fullres", "plans": "nnUNetCPUPlans",
+                "device": "cpu", "budget": {"epochs": 2, "iterations": 4, "val_iterations": 1}}
+    settings.update(changes)
+    runs = [_record("baseline", "nnUNetTrainer", 0, 0.1), _record("method", METHOD, 0, 0.3),
+            _record("method", METHOD, 1, 0.5), _record("method", "Broken", 0, 9.0, status="failed")]
+    path = tmp_path / "cost" / "results.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "runs": runs}))
+    return path
+
+
+def test_cost_ratios_from_another_benchmark_are_means_over_its_seeds(tmp_path):
+    from nnunet_ext.benchmark.equal_time import cost_ratios_from_results
+
+    ratios = cost_ratios_from_results(_cost_results(tmp_path), "Dataset979_EqualTime", "3d_fullres",
+                                      "nnUNetCPUPlans", "cpu", Budget(2, 4, 1), [METHOD])
+    assert ratios[METHOD]["cost_ratio"] == pytest.approx(4.0)  # mean(0.3, 0.5) / 0.1
+    assert ratios[METHOD]["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("changes, methods, message", [
+    ({"plans": "nnUNetPlans"}, [METHOD], r"other settings: plans 'nnUNetPlans' \(this benchmark: 'nnUNetCPUPlans'\)"),
+    ({"budget": {"epochs": 30, "iterations": 4}}, [METHOD], r"budget .*'epochs': 30"),
+    ({}, ["Broken"], "no finished, timed run of Broken"),
+    ({}, ["Absent"], "no finished, timed run of Absent"),
+])
+def test_cost_ratios_from_a_mismatching_benchmark_are_refused(tmp_path, changes, methods, message):
+    from nnunet_ext.benchmark.equal_time import cost_ratios_from_results
+
+    with pytest.raises(runner.BenchmarkError, match=message):
+        cost_ratios_from_results(_cost_results(tmp_path, **changes), "Dataset979_EqualTime", "3d_fullres",
+                                 "nnUNetCPUPlans", "cpu", Budget(2, 4, 1), methods)
+
+
+def test_equal_time_with_measured_costs_uses_them_for_every_seed(dataset, tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(runner, "_run_logged", fake_child(calls))
+    monkeypatch.setattr(metrics, "evaluate_folder", fake_evaluation)
+    costs = _cost_results(tmp_path)
+    settings = runner.BenchmarkSettings(dataset="979", output=tmp_path / "out", trainers=(METHOD,),
+                                        budget=Budget(2, 4, 1), seeds=(0, 1), equal_time=True,
+                                        equal_time_costs=costs, heartbeat_seconds=600)
+    results = runner.run_benchmark(settings)
+    # the runs' own timings give 2.5; the cost measurement says 4.0: stock for 2 x 16 iterations on both seeds
+    assert [(p["seed"], p["cost_ratio"], p["budget"]["iterations"]) for p in results["equal_time"]] == [
+        (0, pytest.approx(4.0), 16), (1, pytest.approx(4.0), 16)]
+    assert {p["cost_source"] for p in results["equal_time"]} == {str(costs)}
+    assert results["settings"]["equal_time_costs"] == str(costs)
+    assert str(costs) in (settings.output / "report.md").read_text()
+
+
+def test_equal_time_costs_need_equal_time_and_a_matching_file_before_any_run(dataset, tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(runner, "_run_logged", fake_child(calls))
+    with pytest.raises(runner.BenchmarkError, match="add --equal-time"):
+        runner.BenchmarkSettings(dataset="979", output=tmp_path / "out", trainers=(METHOD,),
+                                 equal_time_costs=_cost_results(tmp_path))
+    settings = runner.BenchmarkSettings(dataset="979", output=tmp_path / "out", trainers=(METHOD,),
+                                        budget=Budget(3, 4, 1), equal_time=True,
+                                        equal_time_costs=_cost_results(tmp_path))
+    with pytest.raises(runner.BenchmarkError, match="other settings: budget"):
+        runner.run_benchmark(settings)
+    settings.equal_time_costs = tmp_path / "missing.json"
+    with pytest.raises(runner.BenchmarkError, match="missing.json not found"):
+        runner.run_benchmark(settings)
+    assert calls == []
