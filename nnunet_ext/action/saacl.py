@@ -13,6 +13,8 @@ from torch.nn import functional as F
 
 from nnunet_ext.training.distributed import all_reduce_sum_
 
+CENTROID_INITS = ("zeros", "random")
+
 
 def simplex_centres(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
     """``num_classes`` unit vectors in R^dim with pairwise cosine -1/(K-1) (a regular simplex), ``[K, dim]`` fp32.
@@ -45,16 +47,28 @@ class AdaptiveCentreAllocator(nn.Module):
 
     ``phi_c <- normalise(m * phi_c + (1 - m) * normalise(batch mean_c))`` for classes present in the batch
     (``m = 0.9``), then ``pi* = argmin_perm sum_c -phi_c . psi_pi(c)`` (SciPy ``linear_sum_assignment``, imported
-    lazily). Buffers: ``centres`` ``[K, d]``, ``centroids`` ``[K, d]`` (zeros until a class is seen).
+    lazily). Buffers: ``centres`` ``[K, d]``, ``centroids`` ``[K, d]``.
+
+    Args:
+        centroid_init: ``"zeros"`` (default): a class's first batch mean becomes its centroid, so the assignment
+            follows the data from the first step (a class not seen yet has a zero cost row); ``"random"``: random
+            unit vectors from the global torch RNG, as the official code (``TSC.py``, ``class_centroid``), whose
+            weight in the centroid decays as ``m^steps`` (the first assignments are partly random).
     """
 
-    def __init__(self, num_classes: int, dim: int, momentum: float = 0.9, seed: int = 0):
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.9, seed: int = 0,
+                 centroid_init: str = "zeros"):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"centroid momentum must be in [0, 1), got {momentum}")
+        if centroid_init not in CENTROID_INITS:
+            raise ValueError(f"unknown centroid init {centroid_init!r}; expected one of {CENTROID_INITS}")
         self.momentum = momentum
         self.register_buffer("centres", simplex_centres(num_classes, dim, seed))
-        self.register_buffer("centroids", torch.zeros(num_classes, dim))
+        centroids = torch.zeros(num_classes, dim)
+        if centroid_init == "random":
+            centroids = F.normalize(torch.randn(num_classes, dim), dim=1)
+        self.register_buffer("centroids", centroids)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -90,32 +104,44 @@ class SupervisedAnatomicalContrastLoss(nn.Module):
 
     For voxel i with student feature f_i, label y_i: positives are the teacher feature at the same voxel, queue
     entries of class y_i and (weighted by ``anchor_weight``) the assigned centre nu_i; the softmax runs over
-    [teacher feature, all valid queue entries, all centres] at temperature tau:
+    [teacher feature, queue entries, all centres] at temperature tau:
 
         L_i = -[ sum_{f+} log softmax(f_i . f+ / tau) + lambda_a log softmax(f_i . nu_i / tau) ] / #positives_i
 
-    with #positives_i = 1 + |queue entries of class y_i| (feature positives). Queue entries labelled -1 (empty)
-    are excluded. Features are L2-normalised here.
+    with #positives_i = 1 + |queue entries of class y_i| + 1 (the centre), as the official code (``TSC.py``,
+    ``TSC_3d.forward``: ``mask_pos_view.sum(1)``). The loss is the mean over voxels. Features are L2-normalised here.
 
     Args:
         anchor_weight: lambda_a (0.2, paper and 3D code).
         temperature: tau_sa (0.07); may be overridden per call (ACTION++'s temperature schedule).
+        count_centre: whether the assigned centre counts in #positives_i (official code); False gives
+            1 + |queue entries of class y_i| (this package before issue 20). Either way the centre term carries
+            lambda_a.
+        mask_empty_slots: whether queue slots labelled -1 (not filled yet; the queue starts as random unit rows)
+            are left out of the softmax. The official code keeps them in the softmax as negatives until the queue
+            has been filled once; they are never positives either way.
     """
 
-    def __init__(self, anchor_weight: float = 0.2, temperature: float = 0.07):
+    def __init__(self, anchor_weight: float = 0.2, temperature: float = 0.07, count_centre: bool = True,
+                 mask_empty_slots: bool = True):
         super().__init__()
         if anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {anchor_weight}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        for name, flag in (("count_centre", count_centre), ("mask_empty_slots", mask_empty_slots)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.anchor_weight = anchor_weight
         self.temperature = temperature
+        self.count_centre = count_centre
+        self.mask_empty_slots = mask_empty_slots
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                 queue_features: torch.Tensor, queue_labels: torch.Tensor, centres: torch.Tensor,
                 assignment: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """Shapes: student/teacher ``[n, d]``, labels ``[n]`` (>= 0), queue ``[Q, d]`` + ``[Q]``, centres ``[K, d]``,
-        assignment ``[K]`` (class -> centre). Returns a scalar (0 with gradient path when n = 0)."""
+        """Shapes: student/teacher ``[n, d]``, labels ``[n]`` (>= 0), queue ``[Q, d]`` + ``[Q]`` (-1 = empty slot),
+        centres ``[K, d]``, assignment ``[K]`` (class -> centre). Returns a scalar (0 with gradient path when n = 0)."""
         tau = self.temperature if temperature is None else temperature
         if not tau > 0:
             raise ValueError(f"temperature must be positive, got {tau}")
@@ -126,9 +152,11 @@ class SupervisedAnatomicalContrastLoss(nn.Module):
             return student.float().sum() * 0
         f = F.normalize(student.float(), dim=1)
         t = F.normalize(teacher.detach().float(), dim=1)
-        filled = queue_labels >= 0  # empty slots (label -1) are neither positives nor in the softmax
-        queue = F.normalize(queue_features.detach().float()[filled], dim=1)
-        queue_labels = queue_labels[filled].long()
+        queue = F.normalize(queue_features.detach().float(), dim=1)
+        queue_labels = queue_labels.long()
+        filled = queue_labels >= 0
+        filled_queue, filled_labels = queue[filled], queue_labels[filled]
+        in_softmax = filled_queue if self.mask_empty_slots else queue
         centres = F.normalize(centres.detach().float(), dim=1)
         labels = labels.long()
         num_classes = centres.shape[0]
@@ -136,12 +164,14 @@ class SupervisedAnatomicalContrastLoss(nn.Module):
         logit_centres = f @ centres.T / tau                                    # [n, K]
         # log-partition over [teacher, queue, centres] without materialising the concatenation
         log_partition = torch.logsumexp(torch.stack([
-            logit_teacher, torch.logsumexp(f @ queue.T / tau, 1), torch.logsumexp(logit_centres, 1)]), 0)
+            logit_teacher, torch.logsumexp(f @ in_softmax.T / tau, 1), torch.logsumexp(logit_centres, 1)]), 0)
         # sum_{queue j of class y_i} log softmax_ij = f_i . (sum of those queue rows) / tau - n_{y_i} log Z_i: the
         # per-class sums replace an [n, Q] mask (same value, no [n, Q] masking in forward or backward)
-        class_sums = torch.zeros(num_classes, queue.shape[1], device=f.device).index_add_(0, queue_labels, queue)
-        class_counts = torch.bincount(queue_labels, minlength=num_classes).to(f.dtype)
+        class_sums = torch.zeros(num_classes, queue.shape[1], device=f.device).index_add_(0, filled_labels,
+                                                                                          filled_queue)
+        class_counts = torch.bincount(filled_labels, minlength=num_classes).to(f.dtype)
         positives_queue = (f * class_sums[labels]).sum(1) / tau - class_counts[labels] * log_partition
         log_centre = logit_centres.gather(1, assignment[labels].unsqueeze(1)).squeeze(1) - log_partition
         numerator = (logit_teacher - log_partition) + positives_queue + self.anchor_weight * log_centre
-        return (-numerator / (1.0 + class_counts[labels])).mean()
+        positives = 1.0 + class_counts[labels] + (1.0 if self.count_centre else 0.0)
+        return (-numerator / positives).mean()

@@ -8,6 +8,10 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 NUM_STAGES = 3
 
+#: what ACTION++'s cosine temperature schedule (ATS) can drive: the distillation temperatures of stage i and of
+#: stage ii, the anatomical-contrast temperature and the SAACL temperature of stage iii
+ATS_TARGETS = ("distillation_i", "distillation_ii", "anco", "saacl")
+
 
 def resolve_stage_epochs(stage_epochs: Sequence[int], num_epochs: int) -> tuple[int, int, int]:
     """Epochs of stages (i, ii, iii) for a run of ``num_epochs``.

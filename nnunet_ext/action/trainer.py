@@ -38,6 +38,7 @@ from nnunet_ext.action.queue import RingQueue
 from nnunet_ext.action.saacl import AdaptiveCentreAllocator, SupervisedAnatomicalContrastLoss
 from nnunet_ext.action.sampling import HardPixelSampler, gather_decoder_features, sample_pixels_per_class
 from nnunet_ext.action.schedules import (
+    ATS_TARGETS,
     StagePolyLRScheduler,
     cosine_temperature,
     resolve_stage_epochs,
@@ -57,6 +58,9 @@ from nnunet_ext.training.distributed import all_gather_concat
 from nnunet_ext.training.ema import ema_update
 from nnunet_ext.training.semi_supervised import ExtSemiSupervisedTrainerBase
 from nnunet_ext.training.step import fp32_context
+
+# settings stored as JSON lists in a plans block, used as tuples
+TUPLE_SETTINGS = ("stage_epochs", "ats_targets")
 
 STAGE_NAMES = ("i: global contrastive distillation", "ii: global + local distillation + supervision",
                "iii: anatomical contrast + pseudo-labels")
@@ -154,7 +158,7 @@ class ActionTrainerBase(ExtSemiSupervisedTrainerBase):
         settings = merge_settings(defaults, self.method_settings(self.plans_manager),
                                   f"the 'nnunet_ext.action' block of plans {self.plans_manager.plans_name}")
         for name, value in settings.items():
-            setattr(self, name, tuple(value) if name == "stage_epochs" else value)
+            setattr(self, name, tuple(value) if name in TUPLE_SETTINGS else value)
         self.action_stage = 0
         self.resolved_stage_epochs: tuple[int, int, int] | None = None
         self._iteration_in_epoch = 0
@@ -496,26 +500,42 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
     adaptive anatomical contrast (SAACL) to fixed, evenly spread class centres in stage iii.
 
     Class attributes (besides ACTION's):
+        ats_targets: the temperatures the cosine schedule (ATS) drives, any of ``ATS_TARGETS``:
+            ``"distillation_i"`` / ``"distillation_ii"`` (tau_student and tau_teacher of stage i / ii, each from its
+            ACTION value up to ``ats_high``), ``"anco"`` (stage iii anatomical contrast, ``ats_low_anco`` ..
+            ``ats_high``) and ``"saacl"`` (``saacl_tau_low`` .. ``ats_high``). Default: all four. A temperature
+            left out is constant: tau_student / tau_teacher, ACTION's ``tau_anco`` (0.5), ``saacl_tau_low``. The
+            official 3D code schedules only stage ii and AnCo (SAACL fixed at 0.07), its 2D code stage ii, AnCo
+            and SAACL (docs/action.md).
         ats_high: upper temperature of every cosine schedule (1.0).
         ats_low_anco: lower AnCo temperature (0.1).
-        ats_period_fraction: schedule period as a fraction of the stage's iterations (1.0 = paper-best T).
+        ats_period_fraction: schedule period as a fraction of the stage's iterations (1.0: one cosine cycle per
+            stage; the official 2D code uses 0.1 of its run, ten cycles).
         saacl_weight: weight of L_saacl (0.01, official code).
         saacl_anchor_weight: lambda_a of the centre term (0.2).
-        saacl_tau_low: lower SAACL temperature (0.07; scheduled up to ``ats_high``).
+        saacl_tau_low: lower (or, unscheduled, constant) SAACL temperature (0.07).
         saacl_pixels_per_class: sampled labelled voxels per present class (256).
         saacl_queue_size: teacher feature/label queue length (12288).
+        saacl_count_centre: the assigned centre counts in SAACL's #positives normaliser (True, official code;
+            False: 1 + same-class queue entries, this package before issue 20).
+        saacl_mask_empty_slots: queue slots not filled yet are left out of SAACL's softmax (True; False: the
+            official code's random placeholder rows stay in it as negatives until the queue has filled once).
+        saacl_centroid_init: ``"zeros"`` (a class's first batch mean becomes its centroid) or ``"random"`` (random
+            unit vectors, official code).
         centroid_momentum: EMA momentum of the class centroids used for the Hungarian assignment (0.9).
     """
 
     extra_log_keys: ClassVar[tuple[str, ...]] = ActionTrainerBase.extra_log_keys + ("action_l_saacl",)
     setting_names: ClassVar[tuple[str, ...]] = ActionTrainerBase.setting_names + (
-        "ats_high", "ats_low_anco", "ats_period_fraction", "saacl_weight", "saacl_anchor_weight", "saacl_tau_low",
-        "saacl_pixels_per_class", "saacl_queue_size", "centroid_momentum",
+        "ats_targets", "ats_high", "ats_low_anco", "ats_period_fraction", "saacl_weight", "saacl_anchor_weight",
+        "saacl_tau_low", "saacl_pixels_per_class", "saacl_queue_size", "saacl_count_centre", "saacl_mask_empty_slots",
+        "saacl_centroid_init", "centroid_momentum",
     )
 
     # SAACL's targets are teacher features of the labelled images: the stage-iii teacher pass covers them too
     teacher_features_of_labelled: ClassVar[bool] = True
 
+    ats_targets: ClassVar[tuple[str, ...]] = ATS_TARGETS
     ats_high: ClassVar[float] = 1.0
     ats_low_anco: ClassVar[float] = 0.1
     ats_period_fraction: ClassVar[float] = 1.0
@@ -524,6 +544,9 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
     saacl_tau_low: ClassVar[float] = 0.07
     saacl_pixels_per_class: ClassVar[int] = 256
     saacl_queue_size: ClassVar[int] = 12288
+    saacl_count_centre: ClassVar[bool] = True
+    saacl_mask_empty_slots: ClassVar[bool] = True
+    saacl_centroid_init: ClassVar[str] = "zeros"
     centroid_momentum: ClassVar[float] = 0.9
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
@@ -535,7 +558,7 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
             "saacl_features": RingQueue(self.saacl_queue_size, rep_dim),
             "saacl_labels": RingQueue(self.saacl_queue_size, (), init="fill", dtype=torch.long, fill_value=-1),
             "centres": AdaptiveCentreAllocator(self.label_manager.num_segmentation_heads, rep_dim,
-                                               self.centroid_momentum),
+                                               self.centroid_momentum, centroid_init=self.saacl_centroid_init),
         })
         return modules
 
@@ -544,10 +567,15 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
         return cosine_temperature(done, max(1.0, total * self.ats_period_fraction), low, self.ats_high)
 
     def distillation_temperatures(self) -> tuple[float, float]:
+        if ("distillation_i", "distillation_ii")[min(self.action_stage, 1)] not in self.ats_targets:
+            return super().distillation_temperatures()
         return self._ats(self.tau_student), self._ats(self.tau_teacher)
 
     def anco_temperature(self) -> float:
-        return self._ats(self.ats_low_anco)
+        return self._ats(self.ats_low_anco) if "anco" in self.ats_targets else super().anco_temperature()
+
+    def saacl_temperature(self) -> float:
+        return self._ats(self.saacl_tau_low) if "saacl" in self.ats_targets else self.saacl_tau_low
 
     def stage_iii_extra_loss(self, labelled_map: torch.Tensor, rep_features: list[torch.Tensor],
                              teacher_labelled_features: list[torch.Tensor] | None
@@ -563,8 +591,10 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
                                                                     labelled_map.shape).float())
         allocator = heads["centres"]
         allocator.update(student, labels)
-        tau = self._ats(self.saacl_tau_low)
-        loss_fn = SupervisedAnatomicalContrastLoss(self.saacl_anchor_weight, self.saacl_tau_low)
+        tau = self.saacl_temperature()
+        loss_fn = SupervisedAnatomicalContrastLoss(self.saacl_anchor_weight, self.saacl_tau_low,
+                                                   count_centre=self.saacl_count_centre,
+                                                   mask_empty_slots=self.saacl_mask_empty_slots)
         with fp32_context(self.device):
             l_saacl = loss_fn(student, teacher, labels, heads["saacl_features"].get(), heads["saacl_labels"].get(),
                               allocator.centres, allocator.assignment(), temperature=tau)

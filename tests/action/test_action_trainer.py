@@ -291,21 +291,115 @@ def _batch_size_update(make_trainer, batch_size: int) -> dict:
     return {"configurations": update}
 
 
+def _temperatures_at(trainer, epoch: int, iteration: int) -> dict[str, float]:
+    trainer.current_epoch = epoch
+    trainer.on_train_epoch_start()
+    trainer._iteration_in_epoch = iteration
+    if trainer.action_stage < 2:
+        tau_s, tau_t = trainer.distillation_temperatures()
+        return {"tau_s": tau_s, "tau_t": tau_t}
+    return {"anco": trainer.anco_temperature(), "saacl": trainer.saacl_temperature()}
+
+
 def test_temperature_schedules_of_action_plus_plus(make_trainer):
+    """Default: every temperature on one cosine cycle per stage (stages of 1, 2, 1 epochs of 4 iterations)."""
     trainer = make_trainer(_SmallActionPP)
     trainer.num_iterations_per_epoch = 4
-    trainer.current_epoch = 3
-    trainer.on_train_epoch_start()
-    assert trainer.action_stage == 2 and trainer.anco_temperature() == pytest.approx(trainer.ats_high)
-    trainer._iteration_in_epoch = 2  # half of the one-epoch stage: the low end of the cosine
-    assert trainer.anco_temperature() == pytest.approx(trainer.ats_low_anco)
+    high = trainer.ats_high
+    assert _temperatures_at(trainer, 0, 0) == pytest.approx({"tau_s": high, "tau_t": high})
+    assert _temperatures_at(trainer, 0, 2) == pytest.approx({"tau_s": trainer.tau_student,
+                                                             "tau_t": trainer.tau_teacher})
+    assert _temperatures_at(trainer, 2, 0) == pytest.approx({"tau_s": trainer.tau_student,  # half of stage ii
+                                                             "tau_t": trainer.tau_teacher})
+    assert _temperatures_at(trainer, 3, 0) == pytest.approx({"anco": high, "saacl": high})
+    assert _temperatures_at(trainer, 3, 2) == pytest.approx({"anco": trainer.ats_low_anco,
+                                                             "saacl": trainer.saacl_tau_low})
     assert make_trainer(_SmallAction).anco_temperature() == 0.5
+
+
+@pytest.mark.parametrize("targets", [("distillation_ii", "anco"), ()])
+def test_temperatures_left_out_of_the_schedule_are_constant(make_trainer, targets):
+    """``ats_targets`` of the official 3D code (stage ii and AnCo; SAACL at 0.07) and none at all (ACTION's
+    temperatures)."""
+
+    class _Targets(_SmallActionPP):
+        ats_targets = targets
+
+    trainer = make_trainer(_Targets)
+    trainer.num_iterations_per_epoch = 4
+    constant = {"tau_s": trainer.tau_student, "tau_t": trainer.tau_teacher}
+    for iteration in (0, 1, 2):  # stage i
+        assert _temperatures_at(trainer, 0, iteration) == pytest.approx(constant)
+    stage_ii_start = _temperatures_at(trainer, 1, 0)
+    if "distillation_ii" in targets:
+        assert stage_ii_start == pytest.approx({"tau_s": trainer.ats_high, "tau_t": trainer.ats_high})
+    else:
+        assert stage_ii_start == pytest.approx(constant)
+    for iteration in (0, 1, 2):  # stage iii
+        temperatures = _temperatures_at(trainer, 3, iteration)
+        assert temperatures["saacl"] == pytest.approx(trainer.saacl_tau_low)
+        expected_anco = ((trainer.ats_high, None, trainer.ats_low_anco)[iteration] if "anco" in targets
+                         else trainer.tau_anco)
+        if expected_anco is not None:
+            assert temperatures["anco"] == pytest.approx(expected_anco)
+
+
+def test_saacl_settings_reach_the_loss_and_the_centroids(make_trainer, monkeypatch):
+    import nnunet_ext.action.trainer as trainer_module
+
+    built = []
+
+    class _Recording(trainer_module.SupervisedAnatomicalContrastLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(trainer_module, "SupervisedAnatomicalContrastLoss", _Recording)
+
+    class _Official(_SmallActionPP):
+        saacl_count_centre = False
+        saacl_mask_empty_slots = False
+        saacl_centroid_init = "random"
+
+    for cls, expected in ((_SmallActionPP, (True, True)), (_Official, (False, False))):
+        trainer = make_trainer(cls)
+        centroids = trainer.extra_modules["centres"].centroids
+        if cls is _Official:
+            assert torch.allclose(centroids.norm(dim=1), torch.ones(len(centroids)), atol=1e-6)
+        else:
+            assert torch.equal(centroids, torch.zeros_like(centroids))
+        trainer.current_epoch = 3
+        trainer.on_train_epoch_start()
+        out = _step(trainer, 5)
+        assert math.isfinite(float(out["action_l_saacl"]))
+        assert (built[-1].count_centre, built[-1].mask_empty_slots) == expected
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("ats_targets", ("anco", "saacl_typo"), "ats_targets"),
+    ("ats_targets", ("anco", "anco"), "ats_targets"),
+    ("ats_targets", "anco", "ats_targets"),
+    ("saacl_centroid_init", "ones", "saacl_centroid_init"),
+    ("saacl_count_centre", 1, "saacl_count_centre"),
+    ("saacl_mask_empty_slots", "false", "saacl_mask_empty_slots"),
+])
+def test_bad_action_plus_plus_settings_are_rejected(make_trainer, name, value, message):
+    from nnunet_ext.action.settings import validate_action_settings
+
+    with pytest.raises(ValueError, match=message):
+        validate_action_settings({name: value}, "a test")
+    bad = type("_Bad", (_SmallActionPP,), {name: value})
+    with pytest.raises(ValueError, match=message):
+        make_trainer(bad)
 
 
 def test_method_settings_from_the_plans(make_trainer):
     trainer = make_trainer(plans_update={"nnunet_ext": {"version": 1, "action": {"lambda_anco": 0.5,
                                                                                  "stage_epochs": [2, 1, 1]}}})
     assert trainer.lambda_anco == 0.5 and trainer.resolved_stage_epochs == (2, 1, 1)
+    plus = make_trainer(_SmallActionPP, plans_update={"nnunet_ext": {"version": 1, "action": {
+        "ats_targets": ["distillation_ii", "anco"], "saacl_count_centre": False}}})
+    assert plus.ats_targets == ("distillation_ii", "anco") and plus.saacl_count_centre is False
     with pytest.raises(KeyError, match="lambda_ancoo"):
         make_trainer(plans_update={"nnunet_ext": {"version": 1, "action": {"lambda_ancoo": 0.5}}},
                      initialize=False)

@@ -23,7 +23,10 @@ SETTINGS_FILES = {
     "action_mixing": {"mixing": "mixup"},
     "action_stages": {"stage_epochs": [10, -1, 10]},
     "action_typo": {"lambda_ancoo": 0.1},
-    "action_ok": {"mixing": "cutmix", "stage_epochs": [1, 1, 2], "saacl_weight": 0.02},
+    "action_ats": {"ats_targets": ["anco", "distillation"]},
+    "action_ok": {"mixing": "cutmix", "stage_epochs": [1, 1, 2], "saacl_weight": 0.02,
+                  "ats_targets": ["distillation_ii", "anco"], "saacl_count_centre": False,
+                  "saacl_centroid_init": "random"},
 }
 
 
@@ -122,6 +125,9 @@ CASES = [
      "ACTION setting mixing='mixup' in the ACTION settings for nnUNetPlans_ACTION: expected one of"),
     (["configure", "action", "-d", "990", "--config", "{root}/action_stages.json"], (),
      "stage_epochs must be three non-negative integers with a positive sum"),
+    (["configure", "action", "-d", "990", "--config", "{root}/action_ats.json"], (),
+     "ACTION++ setting ats_targets=['anco', 'distillation'] in the ACTION settings for nnUNetPlans_ACTION: expected a "
+     "list of distinct names from ('distillation_i', 'distillation_ii', 'anco', 'saacl')"),
     (["configure", "action", "-d", "990", "--config", "{root}/action_typo.json"], (),
      "unknown setting(s) ['lambda_ancoo']"),
     (["configure", "ciml", "-d", "991"], (), "dataset 991: no folder Dataset991_*"),
