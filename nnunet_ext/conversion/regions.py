@@ -16,10 +16,11 @@ region of its membership paints and the last of them wins, so each membership ne
 that region paints a value with that membership. Working backwards, a region can go last when at most one not yet
 placed membership contains it; placing it never blocks another region, so the greedy pass finds an order whenever
 one exists. Among the eligible regions the pass takes the latest in the user's order, so a valid user order is kept
-as it is (the output channels keep the user's order) and an invalid one is changed as little as possible (with a
-warning). No ``--regions-order`` option: every valid order gives the same map for consistent predictions, and the
-painted value of a region is any value of its membership (the smallest), which region-wise evaluation cannot tell
-apart. The result is checked with nnU-Net's own painting code before anything is written.
+as it is (the output channels keep the user's order), and an invalid one is reordered with a warning, following the
+user's order wherever the constraints leave a choice. No ``--regions-order`` option: every valid order gives the
+same map for consistent predictions, and the painted value of a region is any value of its membership (the
+smallest), which region-wise evaluation cannot tell apart. The result is checked with nnU-Net's own painting code
+before anything is written.
 """
 from __future__ import annotations
 
