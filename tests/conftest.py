@@ -90,3 +90,27 @@ def subprocess_env(root: Path, extra_trainer_dirs: tuple[Path, ...] = ()) -> dic
     })
     env.pop("nnUNet_n_proc_DA", None)
     return env
+
+
+BRATS2015_DS2 = SHARED_DATA / "BraTS2015_FLAIR_T1c" / "ds2"
+#: ``nnunet-ext convert per-case <ds2> ...`` as docs/ciml.md gives it ("BraTS 2015 FLAIR + T1c"), without the source
+BRATS2015_CONVERT_ARGS = ["-d", "52", "-n", "BraTS2015FlairT1c", "--modalities", "FLAIR", "T1c", "--label", "label",
+                          "--regions", "whole tumour=1,2,3,4", "tumour core=1,3,4", "enhancing tumour=4",
+                          "--test", "2"]
+
+
+@pytest.fixture(scope="session")
+def brats2015_ds2_raw(tmp_path_factory) -> Path:
+    """The 2-mm copy of the shared BraTS 2015 FLAIR + T1c cases converted once per session with the documented
+    command (regions, 2 test cases); the dataset folder in a temporary nnUNet_raw (treat it as read-only)."""
+    if not BRATS2015_DS2.is_dir():
+        pytest.skip(f"real data folder {BRATS2015_DS2} is absent (see ../shared/data/README.md)")
+    from nnunet_ext.cli import main
+
+    root = tmp_path_factory.mktemp("brats2015")
+    with pytest.MonkeyPatch.context() as mp:  # the converter looks for the dataset ID in all three folders
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.setenv(var, str(root / var))
+        code = main(["convert", "per-case", str(BRATS2015_DS2), *BRATS2015_CONVERT_ARGS])
+    assert code == 0
+    return root / "nnUNet_raw" / "Dataset052_BraTS2015FlairT1c"

@@ -62,6 +62,13 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
     "brats2018_flair_t1": [
         {"name": "tumour", "targets": "all", "primary": "FLAIR", "auxiliary": ["T1"]},
     ],
+    # shared project data BraTS2015_FLAIR_T1c converted with --regions (docs/ciml.md): FLAIR shows the whole lesion,
+    # T1c the enhancing rim and necrosis. One T1c subtask for both nested core regions: one decoder instead of two,
+    # and the T1c -> WT message (the one CIML is about here) is the same either way.
+    "brats2015_flair_t1c": [
+        {"name": "WT", "targets": ["whole tumour"], "primary": "FLAIR", "auxiliary": ["T1c"]},
+        {"name": "core", "targets": ["tumour core", "enhancing tumour"], "primary": "T1c", "auxiliary": ["FLAIR"]},
+    ],
     # nnunet-ext demo data (FLAIR, T1c; oedema=1, core=2): oedema from FLAIR, core from T1c
     "demo": [
         {"name": "oedema", "targets": ["oedema"], "primary": "FLAIR", "auxiliary": ["T1c"]},

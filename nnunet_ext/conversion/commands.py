@@ -89,10 +89,12 @@ def _cmd_folders(args: argparse.Namespace) -> int:
 
 def _cmd_per_case(args: argparse.Namespace) -> int:
     from nnunet_ext.conversion.folders import convert_per_case
+    from nnunet_ext.conversion.regions import parse_regions
 
     return _run(args, lambda: convert_per_case(
         args.source, args.d, args.name, args.modalities, args.label, args.o, channel_names=args.channel_names,
-        missing_label=args.missing_label, **_label_kwargs(args), **_split_kwargs(args)))
+        missing_label=args.missing_label, regions=parse_regions(args.regions), **_label_kwargs(args),
+        **_split_kwargs(args)))
 
 
 def _cmd_h5(args: argparse.Namespace) -> int:
@@ -164,6 +166,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--channel-names", nargs="+", default=None, help="channel names (default: the modality names)")
     p.add_argument("--missing-label", choices=("unlabeled", "error"), default="unlabeled",
                    help="case without the label file: unlabeled image (default) or error")
+    p.add_argument("--regions", nargs="+", default=None, metavar="NAME=VALUES",
+                   help="region-based training (instead of --labels), e.g. 'whole tumour=1,2,3,4' 'tumour core=1,3,4' "
+                        "'enhancing tumour=4': the label files keep their values, dataset.json gets the regions and "
+                        "a derived regions_class_order")
     p.set_defaults(func=_cmd_per_case)
 
     p = layouts.add_parser("h5", help="<case>/<file>.h5 with image/label (UA-MT/CAML Left Atrium)",

@@ -236,15 +236,26 @@ class LabelConverter:
             values = np.unique(out)
         if values.min() < 0:
             raise ConversionError(f"{where}: negative label value {values.min()}")
-        if self.labels is not None:
-            allowed = set(self.labels.values())
+        allowed = self.allowed_values()
+        if allowed is not None:
             unexpected = [int(v) for v in values if int(v) not in allowed]
             if unexpected:
-                raise ConversionError(f"{where}: label values {unexpected} are not in dataset.json's labels "
-                                      f"{self.labels}; declare them (--labels NAME=VALUE ...) or map them "
-                                      f"(--label-map SOURCE=TARGET)")
+                raise ConversionError(self.undeclared_values_message(where, unexpected))
         self.seen.update(int(v) for v in values)
         return out.astype(np.uint8 if values.max() < 256 else np.uint16)
+
+    def allowed_values(self) -> set[int] | None:
+        """Values a label map may contain after ``value_map`` (None: any, the labels are inferred)."""
+        return None if self.labels is None else set(self.labels.values())
+
+    def undeclared_values_message(self, where: str, unexpected: list[int]) -> str:
+        return (f"{where}: label values {unexpected} are not in dataset.json's labels {self.labels}; declare them "
+                f"(--labels NAME=VALUE ...) or map them (--label-map SOURCE=TARGET)")
+
+    def dataset_json_entries(self) -> dict:
+        """The label entries of ``dataset.json`` (here ``labels``; region converters add ``regions_class_order``),
+        asked for once every label map is converted."""
+        return {"labels": self.dataset_labels()}
 
     def dataset_labels(self) -> dict[str, int]:
         """The ``labels`` entry of ``dataset.json`` (declared, or inferred from every converted map)."""

@@ -110,7 +110,7 @@ def convert_per_case(source: str | Path, dataset_id: int, name: str, modalities:
                      labels: Mapping[str, int] | None = None, label_map: Mapping[int, int] | None = None,
                      labeled: str | None = None, test: str | None = None, seed: int = 0,
                      split_file: str | Path | None = None, missing_label: str = "unlabeled",
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, regions: Mapping[str, int | Sequence[int]] | None = None) -> Path:
     """Convert one folder per case, ``source/<case>/<MODALITY>.<ext>`` and ``source/<case>/<LABEL>.<ext>``.
 
     Args:
@@ -120,8 +120,15 @@ def convert_per_case(source: str | Path, dataset_id: int, name: str, modalities:
             images unless ``missing_label="error"``.
         labels: label names -> values (e.g. ``{"background": 0, "whole_tumour": 1}``); default inferred.
         label_map: source value -> output value (e.g. BraTS ``{4: 3}``).
+        regions: region name -> label values, instead of ``labels``, for nnU-Net's region-based training (e.g.
+            ``{"whole tumour": [1, 2, 3, 4], "tumour core": [1, 3, 4], "enhancing tumour": [4]}``); the label files
+            keep their values and ``dataset.json`` gets the regions and a derived ``regions_class_order`` (see
+            :mod:`nnunet_ext.conversion.regions`).
 
-    Every case must have every modality on the same grid (size and spacing) as its label.
+    Every case must have every modality on the same grid (size and spacing) as its label. Files next to the case
+    folders (README, dataset.json) and sub-folders without any image file (e.g. a ``ds2/`` copy at another
+    resolution) are not cases; the latter are skipped with a warning. Other files in a case folder (a brain mask,
+    a licence) are ignored.
     """
     source = require_source_folder(source)
     _check_policy(missing_label, MISSING_LABEL_POLICIES, "missing_label")
@@ -136,6 +143,13 @@ def convert_per_case(source: str | Path, dataset_id: int, name: str, modalities:
     if not folders:
         raise ConversionError(f"{source} has no case folders")
     listings = {folder.name: _volume_files(folder) for folder in folders}
+    not_cases = sorted(name for name, files in listings.items() if not files)
+    if not_cases:
+        warn(f"{len(not_cases)} folder(s) in {source} without image files are not cases and are skipped: "
+             f"{not_cases[:10]}")
+        listings = {name: files for name, files in listings.items() if files}
+    if not listings:
+        raise ConversionError(f"{source} has no case folders with image files ({', '.join(VOLUME_ENDINGS)})")
     for modality in modalities:
         if not any(_match_file(files, modality) for files in listings.values()):
             example = next(iter(listings))
@@ -163,7 +177,7 @@ def convert_per_case(source: str | Path, dataset_id: int, name: str, modalities:
         channel_names=list(channel_names) if channel_names is not None else modalities, sources=[source],
         labels=labels, label_map=label_map, labeled=labeled, test=test, seed=seed, split_file=split_file,
         overwrite=overwrite, description=f"converted by nnunet-ext from {source}",
-        split_info={"converter": "per-case", "modalities": modalities, "label_file": label})
+        split_info={"converter": "per-case", "modalities": modalities, "label_file": label}, regions=regions)
 
 
 def make_semi_supervised_pair(source: str | Path, output: str | Path | None, *, dataset_id: int,

@@ -143,7 +143,7 @@ def write_volume_dataset(cases: Mapping[str, VolumeCase], split: Split, writer: 
             write_volume_case(cases[case_id], part, writer, labels, len(channel_names))
     dataset_json = {"name": name, "description": description,
                     "channel_names": {str(i): c for i, c in enumerate(channel_names)},
-                    "labels": labels.dataset_labels(), **(extra_json or {})}
+                    **labels.dataset_json_entries(), **(extra_json or {})}
     return writer.finish(dataset_json, split)
 
 
@@ -162,17 +162,26 @@ def convert_volume_cases(cases: Mapping[str, VolumeCase], *, raw_root: Path, dat
                          split_file: str | Path | None, overwrite: bool, fixed_test: Sequence[str] | None = None,
                          fixed_train: Sequence[str] | None = None, description: str = "",
                          split_info: Mapping | None = None, labeled_order: str = "random",
-                         groups: Mapping[str, str] | None = None, group_name: str = "group") -> Path:
+                         groups: Mapping[str, str] | None = None, group_name: str = "group",
+                         regions: Mapping[str, int | Sequence[int]] | None = None) -> Path:
     """Split ``cases`` (cases without label go to ``imagesUnlabeled``) and write the dataset.
 
     ``labeled_order``, ``groups`` and ``group_name`` are passed to :func:`~nnunet_ext.conversion.splits.make_split`.
+    ``regions`` (name -> label values) makes a region-based dataset (:mod:`~nnunet_ext.conversion.regions`); the
+    label files then keep their values (after ``label_map``).
     """
+    from nnunet_ext.conversion.regions import RegionLabelConverter, plan_regions
     from nnunet_ext.conversion.splits import load_split_file, make_split
 
     if not cases:
         raise ConversionError(f"no cases found in {', '.join(map(str, sources))}")
     channel_names = check_channel_names(channel_names)
-    converter = LabelConverter(labels, label_map)
+    if regions is not None and labels is not None:
+        raise ConversionError("give either --labels or --regions: with regions, dataset.json's labels are the "
+                              "regions")
+    # regions are checked before any file is read or written
+    converter = (RegionLabelConverter(plan_regions(regions), label_map) if regions is not None
+                 else LabelConverter(labels, label_map))
     if split_file is not None:  # a previous split fixes everything the source's list files would
         fixed_test = fixed_train = None
     with DatasetWriter(raw_root, dataset_id, name, sources=sources, overwrite=overwrite) as writer:

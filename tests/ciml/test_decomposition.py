@@ -163,6 +163,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
     ("ciml_demo.json", LABELS_DATASET, "labels", [0, 1]),
     ("ciml_brats2018_flair_t1.json", {"channel_names": {"0": "FLAIR", "1": "T1"},
                                       "labels": {"background": 0, "tumour": 1}}, "labels", [0]),
+    ("ciml_brats2015_flair_t1c.json", {"channel_names": {"0": "FLAIR", "1": "T1c"},
+                                       "labels": {"background": 0, "whole tumour": [1, 2, 3, 4],
+                                                  "tumour core": [1, 3, 4], "enhancing tumour": 4},
+                                       "regions_class_order": [2, 1, 4]}, "regions", [0, 1]),
 ])
 def test_shipped_examples_resolve(file, dataset, expected_mode, expected_primaries):
     resolved = resolve_settings(json.loads((EXAMPLES / file).read_text()), dataset)["resolved"]
