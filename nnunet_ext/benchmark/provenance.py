@@ -240,32 +240,36 @@ def attach_segmentation_inputs(runs: Iterable[Run], settings: BenchmarkSettings,
     ``nnunet-ext benchmark``; each dataset is hashed once per invocation."""
     from nnunet_ext.benchmark.trainer_info import trainer_traits
 
-    data: dict[str, dict] = {}
+    data: dict[tuple, dict] = {}
     semi_supervised: dict[str, bool] = {}
     for run in runs:
-        info = run.dataset
-        if info.name not in data:
+        info, fold = run.dataset, run.nnunet_fold(settings)
+        # a cross-validation fold has its own test folders (its validation cases), so they key the hashes too
+        data_key = (info.name, fold, str(info.test_images), str(info.test_labels))
+        if data_key not in data:
             ending = info.dataset_json["file_ending"]
-            data[info.name] = {
-                "training": training_data_inputs(info.raw, info.preprocessed, plans_files[info.name], settings.fold),
+            data[data_key] = {
+                "training": training_data_inputs(info.raw, info.preprocessed, plans_files[info.name], fold),
                 "imagesUnlabeled": folder_sha256(info.raw / "imagesUnlabeled", ending),
-                "imagesTs": folder_sha256(info.test_images, ending),
-                "labelsTs": folder_sha256(info.test_labels, ending)}
+                "test_images": folder_sha256(info.test_images, ending),
+                "test_labels": folder_sha256(info.test_labels, ending)}
         if run.trainer == STOCK_TRAINER:
             semi_supervised[run.trainer] = False
         elif run.trainer not in semi_supervised:
             semi_supervised[run.trainer] = trainer_traits(run.trainer, settings.extra_trainer_dirs).semi_supervised
-        hashes = data[info.name]
+        hashes = data[data_key]
         training = dict(hashes["training"])
         if semi_supervised[run.trainer]:
             training["imagesUnlabeled"] = hashes["imagesUnlabeled"]
         training.update(trainer=run.trainer, budget_trainer=run.budget_trainer, seed=run.seed,
                         epochs=settings.budget.epochs, iterations=run.iterations or settings.budget.iterations,
                         val_iterations=settings.budget.val_iterations, configuration=settings.configuration,
-                        plans=settings.plans, fold=settings.fold, device=settings.device,
+                        plans=settings.plans, fold=fold, device=settings.device,
                         final_validation=settings.final_validation, nnUNet_n_proc_DA=augmentation_workers(settings))
-        run.inputs = {"training": training, "prediction": {"imagesTs": hashes["imagesTs"], "tta": settings.tta},
-                      "evaluation": {"labelsTs": hashes["labelsTs"]}}
+        # named by folder: imagesTs/labelsTs, or a fold's imagesVal/labelsVal in cross-validation
+        run.inputs = {"training": training,
+                      "prediction": {info.test_images.name: hashes["test_images"], "tta": settings.tta},
+                      "evaluation": {info.test_labels.name: hashes["test_labels"]}}
 
 
 def check_segmentation_run(run: Run, settings: BenchmarkSettings) -> dict[str, list[str]]:
@@ -291,9 +295,10 @@ def record_segmentation_step(run: Run, settings: BenchmarkSettings, step: str, t
 
     info = None
     if trained_now:
-        key = f"splits_final.json fold {settings.fold}"
+        fold = run.nnunet_fold(settings)
+        key = f"splits_final.json fold {fold}"
         if key in run.inputs["training"]:
-            run.inputs["training"][key] = fold_split_sha256(run.dataset.preprocessed, settings.fold)
+            run.inputs["training"][key] = fold_split_sha256(run.dataset.preprocessed, fold)
         info = {"versions": _versions(),
                 "trainer_source": trainer_source(load_trainer_class(run.trainer, settings.extra_trainer_dirs))}
     record_step(run.run_dir(settings), step, run.inputs, info)
