@@ -393,7 +393,7 @@ def cross_validation_lines(results: Mapping) -> list[str]:
     cv = results.get("cross_validation")
     if not cv:
         return []
-    origin = (f"written by the benchmark with nnU-Net's `generate_crossval_split` (seed {cv['split_seed']})"
+    origin = (f"written by the benchmark: nnU-Net's `generate_crossval_split`, seed {cv['split_seed']}"
               if cv["split_created"] else "the existing file")
     lines = ["", f"## Cross-validation: {cv['folds']} folds", "",
              f"Folds from `{cv['splits_file']}` ({origin}). Every run trains nnU-Net fold k and predicts fold k's "

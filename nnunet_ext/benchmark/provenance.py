@@ -14,6 +14,10 @@ cached between invocations, modification times ignored); settings by value:
   what their models were trained from);
 - evaluation: every ``labelsTs`` file (classification metrics are recomputed on every invocation anyway).
 
+With ``benchmark --cv-folds`` each fold is a run of its own: training records that fold's entry of
+``splits_final.json``, prediction and evaluation the fold's test cases (``imagesVal``/``labelsVal``, the linked
+training files, hashed by content).
+
 On a re-run the current inputs are compared with the record before any run starts:
 
 - training inputs changed: the benchmark stops (:class:`BenchmarkError`, one line naming the run folder and the

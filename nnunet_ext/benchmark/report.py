@@ -235,7 +235,7 @@ def format_report(results: Mapping) -> str:
     missing = settings.get("missing_channels") or []
     if missing:
         lines += ["", f"## Without {', '.join(missing)} at inference (mean ± std over seeds)", "",
-                  f"The test split predicted again without {', '.join(missing)}: models that handle a missing "
+                  f"The test cases predicted again without {', '.join(missing)}: models that handle a missing "
                   "modality by design switch its messages off (`messages-off`, CIML); every other model gets the "
                   "channel as an all-zero image (`zero-fill`, what a stock nnU-Net user can do). Drop = mean Dice "
                   "with all channels minus mean Dice without, in Dice points (x100).", ""]

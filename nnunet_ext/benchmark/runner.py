@@ -5,7 +5,9 @@ For every (trainer, seed) the stock command lines run in child processes, each w
 
 ``nnUNetv2_train DATASET CONFIG FOLD -tr <Trainer>_e{E}i{I}s{S} -p PLANS -device DEV`` ->
 ``nnUNetv2_predict -i imagesTs ... -chk checkpoint_final.pth`` -> evaluation against ``labelsTs`` (nnU-Net's Dice,
-MedPy's HD95) -> ``results.json``, ``report.md`` and PNG plots in the output folder.
+MedPy's HD95) -> ``results.json``, ``report.md`` and PNG plots in the output folder. With ``--cv-folds K`` every
+(trainer, seed) runs once per nnU-Net fold on that fold's validation cases instead of the test split, and the folds
+are pooled per (trainer, seed) (:mod:`nnunet_ext.benchmark.cross_validation`).
 
 Layout of the output folder (the user's ``nnUNet_raw``/``nnUNet_preprocessed`` are read; trained models go to the
 output folder's own ``nnUNet_results``)::
@@ -15,6 +17,7 @@ output folder's own ``nnUNet_results``)::
     OUTPUT/runs/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
         run.json  provenance.json  train.log  train_stats.json  predict.log  predict_stats.json  predictions/
         evaluation.json
+    OUTPUT/cross_validation/<Dataset>/fold_<k>/imagesVal, labelsVal/   (--cv-folds) links to a fold's test cases
     OUTPUT/logs/   OUTPUT/plots/   OUTPUT/results.json   OUTPUT/report.md
 
 Re-running skips every finished step (checkpoint_final, all predictions, evaluation) whose recorded inputs are
@@ -809,7 +812,8 @@ def write_outputs(results: dict, output: Path) -> None:
                                       .relative_to(output))
     for run in results["runs"]:
         if run.get("training") and not run.get("equal_time_is_stock_run"):
-            title = f"{run['label']} [{run['dataset']}] seed {run['seed']}"
+            title = f"{run['label']} [{run['dataset']}] seed {run['seed']}" + \
+                (" (mean over folds)" if run.get("folds") else "")
             path = plots_dir / f"curves_{safe_file_name(run['dataset'] + '_' + run['budget_trainer'])}.png"
             plots[f"training curves: {title}"] = str(plot_training_curves(run["training"]["curves"], title, path)
                                                     .relative_to(output))
