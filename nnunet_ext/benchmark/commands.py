@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("-c", default="3d_fullres", help="configuration (default: 3d_fullres)")
     p.add_argument("-p", default="nnUNetCPUPlans", help="plans identifier (default: nnUNetCPUPlans)")
     p.add_argument("-f", default="all", help="fold: 'all' (default; all labeled cases train, the test split "
-                                             "evaluates) or a number (needs splits_final.json or >= 5 cases)")
+                                             "evaluates) or a number (needs splits_final.json or >= 5 cases); "
+                                             "for every fold with pooled results use --cv-folds")
     p.add_argument("--trainers", nargs="*", default=[], help="trainers besides stock nnUNetTrainer (classification "
                                                              "trainers are skipped with a note)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")

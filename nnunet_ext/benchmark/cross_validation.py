@@ -218,8 +218,12 @@ def materialise_fold(info: DatasetInfo, index: int, validation: Sequence[str], f
     for target_folder, expected in ((images, expected_images), (labels, expected_labels)):
         target_folder.mkdir(parents=True, exist_ok=True)
         for path in target_folder.iterdir():
-            if path.name not in expected:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.name in expected:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         for name, source in expected.items():
             _link(source, target_folder / name)
     cases = tuple(sorted(validation))

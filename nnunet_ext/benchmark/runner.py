@@ -758,7 +758,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {
             "dataset": settings.dataset, "dataset_name": info.name, "configuration": settings.configuration,
-            "plans": settings.plans, "fold": settings.fold, "device": settings.device,
+            "plans": settings.plans, "fold": None if cross_validation else settings.fold, "device": settings.device,
             "budget": asdict(settings.budget), "seeds": list(settings.seeds), "trainers": trainers,
             "upper_bound_dataset": settings.upper_bound_dataset,
             "upper_bound_dataset_name": None if upper is None else upper.name,
