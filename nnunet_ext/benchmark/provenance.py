@@ -244,25 +244,29 @@ def attach_segmentation_inputs(runs: Iterable[Run], settings: BenchmarkSettings,
     ``nnunet-ext benchmark``; each dataset is hashed once per invocation."""
     from nnunet_ext.benchmark.trainer_info import trainer_traits
 
-    data: dict[tuple, dict] = {}
+    data: dict[str, dict] = {}
+    tests: dict[tuple[Path, Path], dict] = {}
     semi_supervised: dict[str, bool] = {}
     for run in runs:
         info, fold = run.dataset, run.nnunet_fold(settings)
-        # a cross-validation fold has its own test folders (its validation cases), so they key the hashes too
-        data_key = (info.name, fold, str(info.test_images), str(info.test_labels))
-        if data_key not in data:
-            ending = info.dataset_json["file_ending"]
-            data[data_key] = {
-                "training": training_data_inputs(info.raw, info.preprocessed, plans_files[info.name], fold),
-                "imagesUnlabeled": folder_sha256(info.raw / "imagesUnlabeled", ending),
-                "test_images": folder_sha256(info.test_images, ending),
-                "test_labels": folder_sha256(info.test_labels, ending)}
+        ending = info.dataset_json["file_ending"]
+        if info.name not in data:  # the training data once per dataset, also for several cross-validation folds
+            data[info.name] = {
+                "training": training_data_inputs(info.raw, info.preprocessed, plans_files[info.name], "all"),
+                "imagesUnlabeled": folder_sha256(info.raw / "imagesUnlabeled", ending)}
+        # the test folders: the test split, or each cross-validation fold's own (its validation cases)
+        folders = (info.test_images, info.test_labels)
+        if folders not in tests:
+            tests[folders] = {"images": folder_sha256(info.test_images, ending),
+                              "labels": folder_sha256(info.test_labels, ending)}
         if run.trainer == STOCK_TRAINER:
             semi_supervised[run.trainer] = False
         elif run.trainer not in semi_supervised:
             semi_supervised[run.trainer] = trainer_traits(run.trainer, settings.extra_trainer_dirs).semi_supervised
-        hashes = data[data_key]
+        hashes = data[info.name]
         training = dict(hashes["training"])
+        if str(fold) != "all":  # as training_data_inputs(..., fold) would add it
+            training[f"splits_final.json fold {fold}"] = fold_split_sha256(info.preprocessed, fold)
         if semi_supervised[run.trainer]:
             training["imagesUnlabeled"] = hashes["imagesUnlabeled"]
         training.update(trainer=run.trainer, budget_trainer=run.budget_trainer, seed=run.seed,
@@ -272,8 +276,8 @@ def attach_segmentation_inputs(runs: Iterable[Run], settings: BenchmarkSettings,
                         final_validation=settings.final_validation, nnUNet_n_proc_DA=augmentation_workers(settings))
         # named by folder: imagesTs/labelsTs, or a fold's imagesVal/labelsVal in cross-validation
         run.inputs = {"training": training,
-                      "prediction": {info.test_images.name: hashes["test_images"], "tta": settings.tta},
-                      "evaluation": {info.test_labels.name: hashes["test_labels"]}}
+                      "prediction": {info.test_images.name: tests[folders]["images"], "tta": settings.tta},
+                      "evaluation": {info.test_labels.name: tests[folders]["labels"]}}
 
 
 def check_segmentation_run(run: Run, settings: BenchmarkSettings) -> dict[str, list[str]]:
