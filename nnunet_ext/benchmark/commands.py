@@ -16,7 +16,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         final_validation=args.final_validation, tta=args.tta, da_workers=args.da_workers,
         predict_processes=args.predict_processes, overwrite=args.overwrite,
         heartbeat_seconds=args.heartbeat, missing_channels=tuple(args.missing_channels),
-        equal_time=args.equal_time, equal_time_costs=args.equal_time_costs,
+        equal_time=args.equal_time, equal_time_costs=args.equal_time_costs, cv_folds=args.cv_folds,
     )
     results = run_benchmark(settings)  # bad input raises BenchmarkError before any run starts
     print()
@@ -33,11 +33,13 @@ def register(subparsers) -> None:
                     "iteration, peak memory and inference time, and write results.json, report.md and plots into "
                     "--output. Re-running completes a benchmark; finished runs are skipped. Exit code 1 if a run "
                     "failed (it is in the report with its log tail), 2 for bad inputs.")
-    p.add_argument("-d", required=True, help="dataset ID or name (in nnUNet_raw, with imagesTs/labelsTs)")
+    p.add_argument("-d", required=True, help="dataset ID or name (in nnUNet_raw, with imagesTs/labelsTs unless "
+                                             "--cv-folds)")
     p.add_argument("-c", default="3d_fullres", help="configuration (default: 3d_fullres)")
     p.add_argument("-p", default="nnUNetCPUPlans", help="plans identifier (default: nnUNetCPUPlans)")
     p.add_argument("-f", default="all", help="fold: 'all' (default; all labeled cases train, the test split "
-                                             "evaluates) or a number (needs splits_final.json or >= 5 cases)")
+                                             "evaluates) or a number (needs splits_final.json or >= 5 cases); "
+                                             "for every fold with pooled results use --cv-folds")
     p.add_argument("--trainers", nargs="*", default=[], help="trainers besides stock nnUNetTrainer (classification "
                                                              "trainers are skipped with a note)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")
@@ -72,7 +74,18 @@ def register(subparsers) -> None:
     p.add_argument("--equal-time", action="store_true",
                    help="also train stock nnUNetTrainer, per method and seed, for as long as the method took: same "
                         "epochs, training iterations per epoch x the method's measured cost ratio (its seconds per "
-                        "iteration / stock's); reported as 'stock, same time (<method>)' with paired statistics")
+                        "iteration / stock's); reported as 'stock, same time (<method>)' with paired statistics; "
+                        "with --cv-folds every fold of it is trained, and the ratio is the mean over folds")
+    p.add_argument("--cv-folds", type=int, default=None, metavar="K",
+                   help="K-fold cross-validation instead of the held-out test split, for datasets with few labelled "
+                        "cases: the folds of nnU-Net's splits_final.json in the preprocessed dataset folder (written "
+                        "with nnU-Net's generate_crossval_split, seed 12345, when absent; a file with another number "
+                        "of folds is refused, never overwritten). Every trainer and seed trains each fold "
+                        "(nnUNetv2_train D C k), predicts the fold's validation cases from imagesTr and evaluates "
+                        "them; per trainer and seed the folds are pooled per case (each case predicted once), and the "
+                        "statistics pair those pooled runs by seed. imagesTs is neither needed nor used. Not with -f "
+                        "(every fold is trained) nor --upper-bound-dataset (the gap bound needs a separate "
+                        "all-labelled dataset with the same held-out test cases)")
     p.add_argument("--equal-time-costs", default=None, metavar="RESULTS_JSON",
                    help="with --equal-time: take the cost ratios from this results.json of another benchmark run on "
                         "an otherwise idle machine (stock and the methods in one invocation; same dataset, "

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from nnunet_ext.benchmark.budget import STOCK_TRAINER, Budget, budget_trainer_name, write_benchmark_trainers
 
 if TYPE_CHECKING:  # the runner imports this module while it runs
+    from nnunet_ext.benchmark.cross_validation import CrossValidation
     from nnunet_ext.benchmark.runner import BenchmarkSettings, DatasetInfo, Progress, Run
 
 EQUAL_TIME_ROLE = "equal_time"
@@ -164,8 +165,8 @@ def _failed_record(run: Run, settings: BenchmarkSettings, error: str) -> dict:
 
 
 def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records: Sequence[Mapping],
-                   dataset: DatasetInfo, plans_file: Path, env: dict, train_env: dict, progress: Progress
-                   ) -> tuple[list[dict], list[dict]]:
+                   dataset: DatasetInfo, plans_file: Path, env: dict, train_env: dict, progress: Progress,
+                   cross_validation: CrossValidation | None = None) -> tuple[list[dict], list[dict]]:
     """Train, predict and evaluate the equal-time stock runs of a finished benchmark.
 
     Args:
@@ -175,6 +176,8 @@ def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records
         records: the run records of this invocation (methods and stock of every seed).
         dataset, plans_file, env, train_env, progress: as for
             :func:`~nnunet_ext.benchmark.runner.execute_run`.
+        cross_validation: with ``--cv-folds``: each equal-time run trains every fold and its records are pooled
+            like the other runs' (the cost ratio then comes from the pooled records: mean over folds).
 
     Returns:
         ``(records of the equal-time runs, plans from :func:`plan_equal_time_runs`)``.
@@ -213,11 +216,18 @@ def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records
         else:
             run = Run(EQUAL_TIME_ROLE, label, STOCK_TRAINER, plan["budget_trainer"], dataset, plan["seed"],
                       iterations=plan["budget"]["iterations"])
-            _prepare_output(settings, [run], progress)  # --overwrite: redo it too
+            runs = [run] if cross_validation is None else cross_validation.fold_runs(run)
+            _prepare_output(settings, runs, progress)  # --overwrite: redo it too
             # recorded and checked like every other run: a reused equal-time model must come from the same inputs
-            attach_segmentation_inputs([run], settings, {dataset.name: plans_file})
+            attach_segmentation_inputs(runs, settings, {dataset.name: plans_file})
             try:
-                record = execute_run(run, settings, plans_file, env, train_env, progress)
+                fold_records = [execute_run(r, settings, plans_file, env, train_env, progress) for r in runs]
+                if cross_validation is None:
+                    record = fold_records[0]
+                else:
+                    from nnunet_ext.benchmark.cross_validation import pool_fold_records
+
+                    record = pool_fold_records(fold_records)[0]
             except BenchmarkError as e:  # a folder made with other settings: reported, the benchmark goes on
                 record = _failed_record(run, settings, str(e))
             done[plan["budget_trainer"]] = record

@@ -99,9 +99,35 @@ def _plain(label_or_region) -> int | tuple[int, ...]:
     return int(label_or_region)
 
 
-def _label_key(label_or_region) -> str:
+def label_key(label_or_region) -> str:
     # the same keys as nnU-Net's summary.json (str of the label or of the region tuple)
     return str(_plain(label_or_region))
+
+
+def summarise_cases(label_names: dict[str, str], per_case: list[dict]) -> dict:
+    """The evaluation of a set of cases from their per-case metrics (as :func:`evaluate_folder` returns it).
+
+    Also pools evaluations: the per-case lists of several folds, concatenated, give the evaluation over all their
+    cases (``nnunet_ext.benchmark.cross_validation``).
+
+    Args:
+        label_names: ``{label key: name}``, the keys of every case's ``metrics``.
+        per_case: ``[{"case", "metrics": {key: {"Dice", "HD95", "ASD", ...}}, ...}]``.
+
+    Returns:
+        ``{"labels", "per_case", "mean", "foreground_mean", "n_cases"}`` as described in :func:`evaluate_folder`.
+    """
+    mean = {}
+    for key in label_names:
+        dice = [c["metrics"][key]["Dice"] for c in per_case]
+        mean[key] = {"Dice": float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else math.nan}
+        mean[key].update({m: summarise_values([c["metrics"][key][m] for c in per_case]) for m in DISTANCE_METRICS})
+    # nnU-Net: foreground mean = plain mean over the classes' means (NaN if a class has no defined Dice)
+    foreground = {"Dice": float(np.mean([mean[k]["Dice"] for k in label_names]))}
+    for metric in DISTANCE_METRICS:
+        foreground[metric] = float(np.mean([mean[k][metric]["mean"] for k in label_names]))
+    return {"labels": dict(label_names), "per_case": list(per_case), "mean": mean, "foreground_mean": foreground,
+            "n_cases": len(per_case)}
 
 
 def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,
@@ -144,7 +170,7 @@ def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str 
     label_manager = PlansManager(str(plans_file)).get_label_manager(dataset_json)
     labels = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     names = {_plain(v): k for k, v in dataset_json["labels"].items()}
-    label_names = {_label_key(lab): str(names.get(_plain(lab), _label_key(lab))) for lab in labels}
+    label_names = {label_key(lab): str(names.get(_plain(lab), label_key(lab))) for lab in labels}
 
     per_case = []
     for reference in references:
@@ -165,21 +191,11 @@ def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str 
                 ref_mask, pred_mask = ref_mask & ~ignore, pred_mask & ~ignore
             values = {k: float(v) for k, v in nnunet["metrics"][label].items()}
             values.update(surface_distances(pred_mask, ref_mask, spacing))
-            metrics[_label_key(label)] = values
+            metrics[label_key(label)] = values
         per_case.append({"case": case, "reference_file": str(reference), "prediction_file": str(prediction),
                          "metrics": metrics})
 
-    mean = {}
-    for key in label_names:
-        dice = [c["metrics"][key]["Dice"] for c in per_case]
-        mean[key] = {"Dice": float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else math.nan}
-        mean[key].update({m: summarise_values([c["metrics"][key][m] for c in per_case]) for m in DISTANCE_METRICS})
-    # nnU-Net: foreground mean = plain mean over the classes' means (NaN if a class has no defined Dice)
-    foreground = {"Dice": float(np.mean([mean[k]["Dice"] for k in label_names]))}
-    for metric in DISTANCE_METRICS:
-        foreground[metric] = float(np.mean([mean[k][metric]["mean"] for k in label_names]))
-    result = {"labels": label_names, "per_case": per_case, "mean": mean, "foreground_mean": foreground,
-              "n_cases": len(per_case)}
+    result = summarise_cases(label_names, per_case)
     if output_file is not None:
         Path(output_file).write_text(json.dumps(result, indent=2, allow_nan=True))
     return result

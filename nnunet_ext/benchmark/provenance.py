@@ -14,6 +14,10 @@ cached between invocations, modification times ignored); settings by value:
   what their models were trained from);
 - evaluation: every ``labelsTs`` file (classification metrics are recomputed on every invocation anyway).
 
+With ``benchmark --cv-folds`` each fold is a run of its own: training records that fold's entry of
+``splits_final.json``, prediction and evaluation the fold's test cases (``imagesVal``/``labelsVal``, the linked
+training files, hashed by content).
+
 On a re-run the current inputs are compared with the record before any run starts:
 
 - training inputs changed: the benchmark stops (:class:`BenchmarkError`, one line naming the run folder and the
@@ -241,31 +245,39 @@ def attach_segmentation_inputs(runs: Iterable[Run], settings: BenchmarkSettings,
     from nnunet_ext.benchmark.trainer_info import trainer_traits
 
     data: dict[str, dict] = {}
+    tests: dict[tuple[Path, Path], dict] = {}
     semi_supervised: dict[str, bool] = {}
     for run in runs:
-        info = run.dataset
-        if info.name not in data:
-            ending = info.dataset_json["file_ending"]
+        info, fold = run.dataset, run.nnunet_fold(settings)
+        ending = info.dataset_json["file_ending"]
+        if info.name not in data:  # the training data once per dataset, also for several cross-validation folds
             data[info.name] = {
-                "training": training_data_inputs(info.raw, info.preprocessed, plans_files[info.name], settings.fold),
-                "imagesUnlabeled": folder_sha256(info.raw / "imagesUnlabeled", ending),
-                "imagesTs": folder_sha256(info.test_images, ending),
-                "labelsTs": folder_sha256(info.test_labels, ending)}
+                "training": training_data_inputs(info.raw, info.preprocessed, plans_files[info.name], "all"),
+                "imagesUnlabeled": folder_sha256(info.raw / "imagesUnlabeled", ending)}
+        # the test folders: the test split, or each cross-validation fold's own (its validation cases)
+        folders = (info.test_images, info.test_labels)
+        if folders not in tests:
+            tests[folders] = {"images": folder_sha256(info.test_images, ending),
+                              "labels": folder_sha256(info.test_labels, ending)}
         if run.trainer == STOCK_TRAINER:
             semi_supervised[run.trainer] = False
         elif run.trainer not in semi_supervised:
             semi_supervised[run.trainer] = trainer_traits(run.trainer, settings.extra_trainer_dirs).semi_supervised
         hashes = data[info.name]
         training = dict(hashes["training"])
+        if str(fold) != "all":  # as training_data_inputs(..., fold) would add it
+            training[f"splits_final.json fold {fold}"] = fold_split_sha256(info.preprocessed, fold)
         if semi_supervised[run.trainer]:
             training["imagesUnlabeled"] = hashes["imagesUnlabeled"]
         training.update(trainer=run.trainer, budget_trainer=run.budget_trainer, seed=run.seed,
                         epochs=settings.budget.epochs, iterations=run.iterations or settings.budget.iterations,
                         val_iterations=settings.budget.val_iterations, configuration=settings.configuration,
-                        plans=settings.plans, fold=settings.fold, device=settings.device,
+                        plans=settings.plans, fold=fold, device=settings.device,
                         final_validation=settings.final_validation, nnUNet_n_proc_DA=augmentation_workers(settings))
-        run.inputs = {"training": training, "prediction": {"imagesTs": hashes["imagesTs"], "tta": settings.tta},
-                      "evaluation": {"labelsTs": hashes["labelsTs"]}}
+        # named by folder: imagesTs/labelsTs, or a fold's imagesVal/labelsVal in cross-validation
+        run.inputs = {"training": training,
+                      "prediction": {info.test_images.name: tests[folders]["images"], "tta": settings.tta},
+                      "evaluation": {info.test_labels.name: tests[folders]["labels"]}}
 
 
 def check_segmentation_run(run: Run, settings: BenchmarkSettings) -> dict[str, list[str]]:
@@ -291,9 +303,10 @@ def record_segmentation_step(run: Run, settings: BenchmarkSettings, step: str, t
 
     info = None
     if trained_now:
-        key = f"splits_final.json fold {settings.fold}"
+        fold = run.nnunet_fold(settings)
+        key = f"splits_final.json fold {fold}"
         if key in run.inputs["training"]:
-            run.inputs["training"][key] = fold_split_sha256(run.dataset.preprocessed, settings.fold)
+            run.inputs["training"][key] = fold_split_sha256(run.dataset.preprocessed, fold)
         info = {"versions": _versions(),
                 "trainer_source": trainer_source(load_trainer_class(run.trainer, settings.extra_trainer_dirs))}
     record_step(run.run_dir(settings), step, run.inputs, info)

@@ -169,6 +169,7 @@ def _run_name(row: Mapping, several_datasets: bool) -> str:
 def format_report(results: Mapping) -> str:
     """The Markdown report: settings, quality table, cost table, gap bound, paired statistics, failed runs, how
     things are measured."""
+    from nnunet_ext.benchmark.cross_validation import cross_validation_lines
     from nnunet_ext.benchmark.statistics import segmentation_statistics
     from nnunet_ext.benchmark.statistics_report import equal_time_lines, segmentation_statistics_lines
 
@@ -179,19 +180,25 @@ def format_report(results: Mapping) -> str:
     base = next((r for r in rows if r["role"] == "baseline"), None)
     budget = settings["budget"]
     n_cases = results.get("n_test_cases")
+    cv = results.get("cross_validation")
+    evaluated_on = (
+        f"{cv['folds']}-fold cross-validation over {n_cases} training cases (each predicted once per seed by the "
+        f"fold that held it out; folds pooled per case, see 'Cross-validation')" if cv else
+        f"{n_cases} held-out test cases (`{settings['test_labels']}`)")
     lines = [
         f"# Benchmark: {settings['dataset_name']}",
         "",
-        f"- configuration `{settings['configuration']}`, plans `{settings['plans']}`, fold `{settings['fold']}`, "
-        f"device `{settings['device']}`",
+        f"- configuration `{settings['configuration']}`, plans `{settings['plans']}`, "
+        + (f"folds 0-{cv['folds'] - 1}" if cv else f"fold `{settings['fold']}`") + f", device `{settings['device']}`",
         f"- budget: {budget['epochs']} epochs x {budget['iterations']} training iterations "
         f"({budget['val_iterations']} validation iterations per epoch); seeds {settings['seeds']}",
-        f"- evaluation: {n_cases} held-out test cases (`{settings['test_labels']}`), `checkpoint_final.pth`, "
+        f"- evaluation: {evaluated_on}, `checkpoint_final.pth`, "
         f"test-time augmentation {'on' if settings['tta'] else 'off'}; Dice from nnU-Net's evaluation, "
         "HD95 in mm from MedPy",
         f"- versions: {settings.get('versions', {})}",
         "",
-        "## Segmentation on the test split (mean ± std over seeds)",
+        "## Segmentation " + ("in cross-validation, folds pooled" if cv else "on the test split")
+        + " (mean ± std over seeds)",
         "",
     ]
     header = ["run", "seeds ok", *[f"Dice {labels[k]}" for k in label_keys], "mean Dice", "Δ mean Dice vs stock",
@@ -228,7 +235,7 @@ def format_report(results: Mapping) -> str:
     missing = settings.get("missing_channels") or []
     if missing:
         lines += ["", f"## Without {', '.join(missing)} at inference (mean ± std over seeds)", "",
-                  f"The test split predicted again without {', '.join(missing)}: models that handle a missing "
+                  f"The test cases predicted again without {', '.join(missing)}: models that handle a missing "
                   "modality by design switch its messages off (`messages-off`, CIML); every other model gets the "
                   "channel as an all-zero image (`zero-fill`, what a stock nnU-Net user can do). Drop = mean Dice "
                   "with all channels minus mean Dice without, in Dice points (x100).", ""]
@@ -266,6 +273,7 @@ def format_report(results: Mapping) -> str:
                      + ("here it is." if gap and gap["meaningful"] else
                         "here it is NOT, so differences between semi-supervised trainers and stock nnU-Net on this "
                         "dataset and budget say nothing about the methods."))
+    lines += cross_validation_lines(results)
     lines += segmentation_statistics_lines(segmentation_statistics(results["runs"]))
     lines += equal_time_lines(results.get("equal_time") or [])
 
@@ -287,7 +295,9 @@ def format_report(results: Mapping) -> str:
         "", "## How the numbers are measured", "",
         "- Dice: nnU-Net's per-case Dice, averaged over test cases per class ignoring cases where both reference "
         "and prediction are empty (NaN), then over classes for the mean Dice; per run, then mean ± std over seeds "
-        "(sample std, n - 1).",
+        "(sample std, n - 1)."
+        + (" In cross-validation a run is one (trainer, seed) over all folds: its test cases are all training "
+           "cases, each from the fold that held it out; cost values are means over the folds." if cv else ""),
         "- HD95: MedPy `hd95` with the image spacing (mm). Both masks empty: NaN (left out); exactly one empty: inf, "
         "counted in the column 'cases with HD95 = inf' and left out of the mean.",
         "- s / training iteration: nnU-Net's logged epoch durations (training iterations, validation iterations "

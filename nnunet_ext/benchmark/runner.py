@@ -5,7 +5,9 @@ For every (trainer, seed) the stock command lines run in child processes, each w
 
 ``nnUNetv2_train DATASET CONFIG FOLD -tr <Trainer>_e{E}i{I}s{S} -p PLANS -device DEV`` ->
 ``nnUNetv2_predict -i imagesTs ... -chk checkpoint_final.pth`` -> evaluation against ``labelsTs`` (nnU-Net's Dice,
-MedPy's HD95) -> ``results.json``, ``report.md`` and PNG plots in the output folder.
+MedPy's HD95) -> ``results.json``, ``report.md`` and PNG plots in the output folder. With ``--cv-folds K`` every
+(trainer, seed) runs once per nnU-Net fold on that fold's validation cases instead of the test split, and the folds
+are pooled per (trainer, seed) (:mod:`nnunet_ext.benchmark.cross_validation`).
 
 Layout of the output folder (the user's ``nnUNet_raw``/``nnUNet_preprocessed`` are read; trained models go to the
 output folder's own ``nnUNet_results``)::
@@ -15,6 +17,7 @@ output folder's own ``nnUNet_results``)::
     OUTPUT/runs/<Dataset>/<Trainer>_e..i..s..__<plans>__<config>/fold_<f>/
         run.json  provenance.json  train.log  train_stats.json  predict.log  predict_stats.json  predictions/
         evaluation.json
+    OUTPUT/cross_validation/<Dataset>/fold_<k>/imagesVal, labelsVal/   (--cv-folds) links to a fold's test cases
     OUTPUT/logs/   OUTPUT/plots/   OUTPUT/results.json   OUTPUT/report.md
 
 Re-running skips every finished step (checkpoint_final, all predictions, evaluation) whose recorded inputs are
@@ -75,6 +78,7 @@ class BenchmarkSettings:
     missing_channels: tuple[str, ...] = ()
     equal_time: bool = False
     equal_time_costs: Path | None = None  # results.json of a quiet cost run (equal_time.cost_ratios_from_results)
+    cv_folds: int | None = None  # K-fold cross-validation instead of the test split (benchmark.cross_validation)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output).resolve()
@@ -88,6 +92,10 @@ class BenchmarkSettings:
                     raise ValueError
             except ValueError:
                 raise BenchmarkError(f"fold must be 'all' or a non-negative integer, got {self.fold!r}") from None
+        if self.cv_folds is not None:
+            from nnunet_ext.benchmark.cross_validation import check_cross_validation_settings
+
+            check_cross_validation_settings(self)
         if self.device not in ("cpu", "cuda", "mps"):
             raise BenchmarkError(f"device must be cpu, cuda or mps, got {self.device!r}")
         if self.equal_time_costs is not None:
@@ -160,8 +168,11 @@ def _channel_count(dataset_json: dict) -> int:
     return len(channels)
 
 
-def resolve_dataset(dataset: str) -> DatasetInfo:
+def resolve_dataset(dataset: str, test_split: bool = True) -> DatasetInfo:
     """Find a dataset and check its held-out test split (``imagesTs`` + ``labelsTs``).
+
+    With ``test_split=False`` (cross-validation: the folds' validation cases are the test cases) the test split is
+    neither needed nor read, and the returned info has no test cases.
 
     Raises:
         BenchmarkError: unknown dataset, missing test folders, a label without its images (named).
@@ -179,6 +190,8 @@ def resolve_dataset(dataset: str) -> DatasetInfo:
     dataset_json = json.loads((raw / "dataset.json").read_text())
     ending = dataset_json["file_ending"]
     images, labels = raw / "imagesTs", raw / "labelsTs"
+    if not test_split:
+        return DatasetInfo(name, raw, preprocessed_base / name, dataset_json, images, labels, (), ())
     for folder in (images, labels):
         if not folder.is_dir():
             raise BenchmarkError(f"{folder} does not exist: the benchmark evaluates on the dataset's held-out test "
@@ -326,10 +339,20 @@ class Run:
     handles_missing_modalities: bool = False
     inputs: dict | None = None  # what each step depends on (nnunet_ext.benchmark.provenance)
     iterations: int | None = None  # training iterations per epoch if not the benchmark's (equal-time runs)
+    fold: str | None = None  # nnU-Net fold of a cross-validation run; None: the benchmark's --fold
+
+    @property
+    def name(self) -> str:
+        """``Label [Dataset] seed S`` (plus ``fold K`` in cross-validation), as the progress lines name a run."""
+        return f"{self.label} [{self.dataset.name}] seed {self.seed}" + \
+            ("" if self.fold is None else f" fold {self.fold}")
+
+    def nnunet_fold(self, settings: BenchmarkSettings) -> str:
+        return settings.fold if self.fold is None else self.fold
 
     def key(self, settings: BenchmarkSettings) -> str:
         return f"{self.dataset.name}/{self.budget_trainer}__{settings.plans}__{settings.configuration}/" \
-               f"fold_{settings.fold}"
+               f"fold_{self.nnunet_fold(settings)}"
 
     def run_dir(self, settings: BenchmarkSettings) -> Path:
         return settings.output / "runs" / self.key(settings)
@@ -345,11 +368,11 @@ def _settings_key(settings: BenchmarkSettings) -> dict:
 
 def _commands(run: Run, settings: BenchmarkSettings, plans_file: Path) -> dict:
     run_dir = run.run_dir(settings)
-    train = [run.dataset.name, settings.configuration, settings.fold, "-tr", run.budget_trainer, "-p", settings.plans,
-             "-device", settings.device]
+    train = [run.dataset.name, settings.configuration, run.nnunet_fold(settings), "-tr", run.budget_trainer,
+             "-p", settings.plans, "-device", settings.device]
     predict = ["-i", str(run.dataset.test_images), "-o", str(run_dir / "predictions"), "-d", run.dataset.name,
-               "-c", settings.configuration, "-tr", run.budget_trainer, "-p", settings.plans, "-f", settings.fold,
-               "-device", settings.device, "-chk", "checkpoint_final.pth",
+               "-c", settings.configuration, "-tr", run.budget_trainer, "-p", settings.plans,
+               "-f", run.nnunet_fold(settings), "-device", settings.device, "-chk", "checkpoint_final.pth",
                "-npp", str(settings.predict_processes), "-nps", str(settings.predict_processes)]
     if not settings.tta:
         predict.append("--disable_tta")
@@ -454,7 +477,7 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
     from nnunet_ext.benchmark.metrics import evaluate_folder
 
     run_dir, fold_dir = run.run_dir(settings), run.fold_dir(settings)
-    name = f"{run.label} [{run.dataset.name}] seed {run.seed}"
+    name = run.name
     check_run_folder_reusable(run_dir, _settings_key(settings))
     if run.inputs is not None:  # checks the provenance (as check_reusable) and discards stale outputs
         from nnunet_ext.benchmark.provenance import prepare_segmentation_run
@@ -464,7 +487,8 @@ def execute_run(run: Run, settings: BenchmarkSettings, plans_file: Path, env: di
     commands = _commands(run, settings, plans_file)
     record = {
         "key": run.key(settings), "role": run.role, "label": run.label, "trainer": run.trainer,
-        "budget_trainer": run.budget_trainer, "dataset": run.dataset.name, "seed": run.seed, "status": "ok",
+        "budget_trainer": run.budget_trainer, "dataset": run.dataset.name, "seed": run.seed,
+        "fold": run.nnunet_fold(settings), "status": "ok",
         "failed_step": None, "error": None, "log_file": None, "log_tail": None, "reused_steps": [],
         "settings_key": _settings_key(settings),
         "commands": {"train": commands["train"], "predict": commands["predict"],
@@ -563,9 +587,10 @@ def predict_without_channels(run: Run, settings: BenchmarkSettings, plans_file: 
     run_dir = run.run_dir(settings)
     predictions, evaluation_file = run_dir / f"predictions_{tag}", run_dir / f"evaluation_{tag}.json"
     args = ["predict", "-i", str(run.dataset.test_images), "-o", str(predictions), "-d", run.dataset.name,
-            "-c", settings.configuration, "-tr", run.budget_trainer, "-p", settings.plans, "-f", settings.fold,
-            "-chk", "checkpoint_final.pth", "-device", settings.device, "-npp", str(settings.predict_processes),
-            "-nps", str(settings.predict_processes), "--missing", *channels, "--missing-mode", mode]
+            "-c", settings.configuration, "-tr", run.budget_trainer, "-p", settings.plans,
+            "-f", run.nnunet_fold(settings), "-chk", "checkpoint_final.pth", "-device", settings.device,
+            "-npp", str(settings.predict_processes), "-nps", str(settings.predict_processes), "--missing", *channels,
+            "--missing-mode", mode]
     if not settings.tta:
         args.append("--disable_tta")
     step = f"prediction without {', '.join(channels)}"
@@ -578,7 +603,7 @@ def predict_without_channels(run: Run, settings: BenchmarkSettings, plans_file: 
     if record["missing"]["evaluation"] is not None:
         record["reused_steps"].append(step)
     else:
-        progress(f"{run.label} [{run.dataset.name}] seed {run.seed}: {step} ({mode})")
+        progress(f"{run.name}: {step} ({mode})")
         log = run_dir / f"predict_{tag}.log"
         if predictions.exists():  # an interrupted earlier attempt: its files are ours (inside the run folder)
             shutil.rmtree(predictions)
@@ -593,7 +618,7 @@ def predict_without_channels(run: Run, settings: BenchmarkSettings, plans_file: 
             (run_dir / f"evaluation_{tag}.log").write_text(traceback.format_exc())
             return _fail(record, f"evaluation without {', '.join(channels)}", f"{type(e).__name__}: {e}",
                          run_dir / f"evaluation_{tag}.log")
-    progress(f"{run.label} [{run.dataset.name}] seed {run.seed}: mean Dice without {', '.join(channels)} "
+    progress(f"{run.name}: mean Dice without {', '.join(channels)} "
              f"{record['missing']['evaluation']['foreground_mean']['Dice']:.4f} ({mode})")
     return None
 
@@ -660,14 +685,15 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     from nnunet_ext.benchmark.budget import budget_trainer_name
 
     progress = Progress()
-    info = resolve_dataset(settings.dataset)
+    info = resolve_dataset(settings.dataset, test_split=settings.cv_folds is None)
     upper = None
     if settings.upper_bound_dataset is not None:
         upper = resolve_dataset(settings.upper_bound_dataset)
         if upper.name == info.name:
             raise BenchmarkError("--upper-bound-dataset must be another dataset (all training cases labeled)")
         check_same_test_cases(info, upper)
-    progress(f"dataset {info.name}: {len(info.test_cases)} test case(s) in {info.test_labels}")
+    if settings.cv_folds is None:
+        progress(f"dataset {info.name}: {len(info.test_cases)} test case(s) in {info.test_labels}")
     if settings.missing_channels:
         check_missing_channels(info, settings.missing_channels)
     trainers, excluded, needs_unlabeled, handles_missing = _select_trainers(settings, progress)
@@ -684,6 +710,11 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     plans_files = {info.name: ensure_plans(info, settings, env, progress)}
     if upper is not None:
         plans_files[upper.name] = ensure_plans(upper, settings, env, progress)
+    cross_validation = None
+    if settings.cv_folds is not None:  # after planning: the split goes into the preprocessed dataset folder
+        from nnunet_ext.benchmark.cross_validation import prepare_cross_validation
+
+        cross_validation = prepare_cross_validation(info, settings, progress)
     if needs_unlabeled:
         if not (info.raw / "imagesUnlabeled").is_dir():
             raise BenchmarkError(f"semi-supervised trainer(s) requested but {info.raw / 'imagesUnlabeled'} does not "
@@ -703,7 +734,8 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     for seed in settings.seeds:
         for trainer in trainers:
             role = "baseline" if trainer == STOCK_TRAINER else "method"
-            runs.append(Run(role, trainer, trainer, names[(trainer, seed)], info, seed, handles_missing[trainer]))
+            run = Run(role, trainer, trainer, names[(trainer, seed)], info, seed, handles_missing[trainer])
+            runs += [run] if cross_validation is None else cross_validation.fold_runs(run)
         if upper is not None:
             runs.append(Run("upper_bound", "stock, all labeled", STOCK_TRAINER,
                             budget_trainer_name(STOCK_TRAINER, settings.budget.epochs, settings.budget.iterations,
@@ -717,14 +749,19 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     train_env = training_environment(settings, env)
     records = []
     for i, run in enumerate(runs, 1):
-        progress(f"run {i}/{len(runs)}: {run.label} [{run.dataset.name}] seed {run.seed}")
+        progress(f"run {i}/{len(runs)}: {run.name}")
         records.append(execute_run(run, settings, plans_files[run.dataset.name], env, train_env, progress))
+    if cross_validation is not None:  # one record per (trainer, seed) over all cases: statistics work unchanged
+        from nnunet_ext.benchmark.cross_validation import pool_fold_records
+
+        records = pool_fold_records(records)
     equal_time_plans = None
     if settings.equal_time:
         from nnunet_ext.benchmark.equal_time import run_equal_time
 
         equal_time_records, equal_time_plans = run_equal_time(settings, trainers, records, info,
-                                                              plans_files[info.name], env, train_env, progress)
+                                                              plans_files[info.name], env, train_env, progress,
+                                                              cross_validation)
         records += equal_time_records
 
     results = {
@@ -732,20 +769,22 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {
             "dataset": settings.dataset, "dataset_name": info.name, "configuration": settings.configuration,
-            "plans": settings.plans, "fold": settings.fold, "device": settings.device,
+            "plans": settings.plans, "fold": None if cross_validation else settings.fold, "device": settings.device,
             "budget": asdict(settings.budget), "seeds": list(settings.seeds), "trainers": trainers,
             "upper_bound_dataset": settings.upper_bound_dataset,
             "upper_bound_dataset_name": None if upper is None else upper.name,
-            "test_images": str(info.test_images), "test_labels": str(info.test_labels), "tta": settings.tta,
+            "test_images": None if cross_validation else str(info.test_images),
+            "test_labels": None if cross_validation else str(info.test_labels), "tta": settings.tta,
             "final_validation": settings.final_validation, "missing_channels": list(settings.missing_channels),
-            "equal_time": settings.equal_time,
+            "equal_time": settings.equal_time, "cv_folds": settings.cv_folds,
             "equal_time_costs": None if settings.equal_time_costs is None else str(settings.equal_time_costs),
             "nnUNet_n_proc_DA": train_env.get("nnUNet_n_proc_DA"),
             "extra_trainer_dirs": [str(d) for d in settings.extra_trainer_dirs],
             "output": str(settings.output), "versions": _versions(), "command": " ".join(sys.argv),
         },
         "labels": _labels(info, records),
-        "n_test_cases": len(info.test_cases),
+        "n_test_cases": len(info.test_cases if cross_validation is None else cross_validation.cases),
+        "cross_validation": None if cross_validation is None else cross_validation.describe(),
         "upper_bound_plans_differences": None if upper is None else
         plans_differences(plans_files[info.name], plans_files[upper.name], settings.configuration),
         "excluded_trainers": excluded,
@@ -764,8 +803,10 @@ def _labels(info: DatasetInfo, records: Sequence[dict]) -> dict[str, str]:
     for record in records:
         if record.get("evaluation"):
             return dict(record["evaluation"]["labels"])
-    labels = {str(v): k for k, v in info.dataset_json["labels"].items() if k != "background" and k != "ignore"}
-    return labels
+    from nnunet_ext.benchmark.metrics import label_key
+
+    # keyed as the evaluation keys them (a region [1, 2] as "(1, 2)")
+    return {label_key(v): k for k, v in info.dataset_json["labels"].items() if k not in ("background", "ignore")}
 
 
 def write_outputs(results: dict, output: Path) -> None:
@@ -783,7 +824,8 @@ def write_outputs(results: dict, output: Path) -> None:
                                       .relative_to(output))
     for run in results["runs"]:
         if run.get("training") and not run.get("equal_time_is_stock_run"):
-            title = f"{run['label']} [{run['dataset']}] seed {run['seed']}"
+            title = f"{run['label']} [{run['dataset']}] seed {run['seed']}" + \
+                (" (mean over folds)" if run.get("folds") else "")
             path = plots_dir / f"curves_{safe_file_name(run['dataset'] + '_' + run['budget_trainer'])}.png"
             plots[f"training curves: {title}"] = str(plot_training_curves(run["training"]["curves"], title, path)
                                                     .relative_to(output))

@@ -138,3 +138,36 @@ def test_evaluate_folder_without_references(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no reference"):
         evaluate_folder(tmp_path / "empty", pred, dataset_json, plans)
+
+
+def test_evaluate_folder_scores_each_region_on_its_union_of_labels(tmp_path):
+    """A region dataset (BraTS-style, nnU-Net's ``regions_class_order``): Dice and HD95 per region, each on the
+    union of its labels in the reference and in the prediction (which nnU-Net writes in region-order labels)."""
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    reference = np.zeros((8, 8, 8))
+    reference[2:6, 2:6, 2:6] = 2  # edema
+    reference[3, 3, 3] = 1  # necrosis
+    reference[4, 4, 4] = 4  # enhancing
+    prediction = np.zeros((8, 8, 8))
+    prediction[2:6, 2:6, 2:6] = 2  # whole tumour painted with regions_class_order[0]
+    prediction[4, 4, 4] = 4  # the core found at one voxel, which is enhancing (the necrosis voxel is missed)
+    _write(reference, ref / "case.nii.gz")
+    _write(prediction, pred / "case.nii.gz")
+    dataset_json = tmp_path / "dataset.json"
+    dataset_json.write_text(json.dumps({
+        "labels": {"background": 0, "whole tumour": [1, 2, 3, 4], "tumour core": [1, 3, 4], "enhancing tumour": 4},
+        "regions_class_order": [2, 1, 4], "file_ending": ".nii.gz", "channel_names": {"0": "FLAIR", "1": "T1c"}}))
+    plans = tmp_path / "plans.json"
+    plans.write_text("{}")
+    result = evaluate_folder(ref, pred, dataset_json, plans)
+    assert result["labels"] == {"(1, 2, 3, 4)": "whole tumour", "(1, 3, 4)": "tumour core", "4": "enhancing tumour"}
+    metrics = result["per_case"][0]["metrics"]
+    assert metrics["(1, 2, 3, 4)"]["Dice"] == 1.0 and metrics["(1, 2, 3, 4)"]["HD95"] == 0.0
+    assert metrics["(1, 3, 4)"]["Dice"] == pytest.approx(2 / 3)  # 1 of 2 core voxels found, none extra
+    core_ref, core_pred = np.isin(reference, (1, 3, 4)), np.isin(prediction, (1, 3, 4))
+    expected = surface_distances(core_pred, core_ref, (2.0, 1.0, 1.0))  # array order: z slices are 2 mm
+    assert metrics["(1, 3, 4)"]["HD95"] == pytest.approx(expected["HD95"]) and expected["HD95"] > 0
+    assert metrics["4"]["Dice"] == 1.0 and metrics["4"]["HD95"] == 0.0
+    assert result["foreground_mean"]["Dice"] == pytest.approx((1 + 2 / 3 + 1) / 3)

@@ -201,3 +201,14 @@ def test_which_trainers_handle_missing_modalities(trainer, handles):
     from nnunet_ext.benchmark.trainer_info import trainer_traits
 
     assert trainer_traits(trainer).handles_missing_modalities is handles
+
+
+def test_labels_without_any_evaluation_are_keyed_like_the_evaluation(raw):
+    """Regions too: the report's columns need the evaluation's keys even when no run finished."""
+    from nnunet_ext.benchmark.runner import _labels
+
+    folder = _with_test_split(raw, 989, "Regions")
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json.update(labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1, 2])
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    assert _labels(resolve_dataset("989"), []) == {"(1, 2)": "whole", "2": "core"}
