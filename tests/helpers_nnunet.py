@@ -230,3 +230,26 @@ def clone_root(source_root: str | os.PathLike, target_root: str | os.PathLike) -
 
     shutil.copytree(source_root, target_root, dirs_exist_ok=True)
     return Path(target_root)
+
+
+def benchmark_settings_from_command_line(monkeypatch: pytest.MonkeyPatch, arguments: Sequence[str]):
+    """The ``BenchmarkSettings`` that ``nnunet-ext benchmark ARGUMENTS`` builds, with the benchmark itself faked
+    (it only writes the report the command prints)."""
+    import argparse
+
+    from nnunet_ext.benchmark import commands, runner
+
+    seen = {}
+
+    def fake_benchmark(settings):
+        seen["settings"] = settings
+        (settings.output / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        (settings.output / "report.md").write_text("report")
+        return {"runs": []}
+
+    monkeypatch.setattr(runner, "run_benchmark", fake_benchmark)
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["benchmark", *arguments])
+    assert args.func(args) == 0
+    return seen["settings"]

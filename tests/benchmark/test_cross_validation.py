@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_nnunet import make_tiny_dataset, set_nnunet_paths
+from helpers_nnunet import benchmark_settings_from_command_line, make_tiny_dataset, set_nnunet_paths
 
 from nnunet_ext.benchmark import cross_validation as cv
 from nnunet_ext.benchmark import runner
@@ -83,23 +83,9 @@ def test_options_that_do_not_go_with_cross_validation_are_refused(tmp_path, kwar
 
 
 def test_command_line_passes_the_folds(monkeypatch, tmp_path):
-    import argparse
-
-    from nnunet_ext.benchmark import commands
-
-    seen = {}
-
-    def fake_benchmark(settings):
-        seen["settings"] = settings
-        (settings.output / "report.md").parent.mkdir(parents=True)
-        (settings.output / "report.md").write_text("report")
-        return {"runs": []}
-
-    monkeypatch.setattr(runner, "run_benchmark", fake_benchmark)
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers())
-    args = parser.parse_args(["benchmark", "-d", "1", "--output", str(tmp_path / "out"), "--cv-folds", "3"])
-    assert args.func(args) == 0 and seen["settings"].cv_folds == 3 and seen["settings"].fold == "all"
+    settings = benchmark_settings_from_command_line(monkeypatch, ["-d", "1", "--output", str(tmp_path / "out"),
+                                                                  "--cv-folds", "3"])
+    assert settings.cv_folds == 3 and settings.fold == "all"
 
 
 def test_command_line_refuses_a_fold_with_cross_validation(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_nnunet import make_tiny_dataset, set_nnunet_paths
+from helpers_nnunet import benchmark_settings_from_command_line, make_tiny_dataset, set_nnunet_paths
 
 from nnunet_ext.benchmark import metrics, runner
 from nnunet_ext.benchmark.budget import Budget
@@ -180,23 +180,8 @@ def test_equal_time_same_budget_as_stock_reuses_stocks_run(dataset, tmp_path, mo
 
 @pytest.mark.parametrize("flag, expected", [([], False), (["--equal-time"], True)])
 def test_command_line_option(monkeypatch, tmp_path, flag, expected):
-    import argparse
-
-    from nnunet_ext.benchmark import commands
-
-    seen = {}
-
-    def fake_benchmark(settings):
-        seen["settings"] = settings
-        (settings.output / "report.md").parent.mkdir(parents=True)
-        (settings.output / "report.md").write_text("report")
-        return {"runs": []}
-
-    monkeypatch.setattr(runner, "run_benchmark", fake_benchmark)
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers())
-    args = parser.parse_args(["benchmark", "-d", "1", "--output", str(tmp_path / "out"), *flag])
-    assert args.func(args) == 0 and seen["settings"].equal_time is expected
+    settings = benchmark_settings_from_command_line(monkeypatch, ["-d", "1", "--output", str(tmp_path / "out"), *flag])
+    assert settings.equal_time is expected
 
 
 def test_generated_module_holds_the_further_budgets_once(tmp_path):
