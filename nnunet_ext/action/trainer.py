@@ -562,6 +562,13 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
         })
         return modules
 
+    def initialize(self) -> None:
+        super().initialize()  # validates the settings first (messages name the setting)
+        # built once like ACTION's AnCo loss (not per step); the temperature is passed per call (schedule)
+        self.saacl_loss = SupervisedAnatomicalContrastLoss(self.saacl_anchor_weight, self.saacl_tau_low,
+                                                           count_centre=self.saacl_count_centre,
+                                                           mask_empty_slots=self.saacl_mask_empty_slots)
+
     def _ats(self, low: float) -> float:
         done, total = self.stage_progress()
         return cosine_temperature(done, max(1.0, total * self.ats_period_fraction), low, self.ats_high)
@@ -592,12 +599,10 @@ class ActionPlusPlusTrainerBase(ActionTrainerBase):
         allocator = heads["centres"]
         allocator.update(student, labels)
         tau = self.saacl_temperature()
-        loss_fn = SupervisedAnatomicalContrastLoss(self.saacl_anchor_weight, self.saacl_tau_low,
-                                                   count_centre=self.saacl_count_centre,
-                                                   mask_empty_slots=self.saacl_mask_empty_slots)
         with fp32_context(self.device):
-            l_saacl = loss_fn(student, teacher, labels, heads["saacl_features"].get(), heads["saacl_labels"].get(),
-                              allocator.centres, allocator.assignment(), temperature=tau)
+            l_saacl = self.saacl_loss(student, teacher, labels, heads["saacl_features"].get(),
+                                      heads["saacl_labels"].get(), allocator.centres, allocator.assignment(),
+                                      temperature=tau)
         heads["saacl_features"].push(all_gather_concat(teacher))  # all ranks' rows, rank order (DDP)
         heads["saacl_labels"].push(all_gather_concat(labels))
         return self.saacl_weight * l_saacl, {"action_l_saacl": l_saacl.detach()}

@@ -166,7 +166,8 @@ def _failed_record(run: Run, settings: BenchmarkSettings, error: str) -> dict:
 
 def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records: Sequence[Mapping],
                    dataset: DatasetInfo, plans_file: Path, env: dict, train_env: dict, progress: Progress,
-                   cross_validation: CrossValidation | None = None) -> tuple[list[dict], list[dict]]:
+                   cross_validation: CrossValidation | None = None,
+                   measured_ratios: Mapping[str, Mapping] | None = None) -> tuple[list[dict], list[dict]]:
     """Train, predict and evaluate the equal-time stock runs of a finished benchmark.
 
     Args:
@@ -178,6 +179,8 @@ def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records
             :func:`~nnunet_ext.benchmark.runner.execute_run`.
         cross_validation: with ``--cv-folds``: each equal-time run trains every fold and its records are pooled
             like the other runs' (the cost ratio then comes from the pooled records: mean over folds).
+        measured_ratios: with ``--equal-time-costs``: :func:`cost_ratios_from_results` of that file (read and
+            checked once, before any run started).
 
     Returns:
         ``(records of the equal-time runs, plans from :func:`plan_equal_time_runs`)``.
@@ -185,14 +188,9 @@ def run_equal_time(settings: BenchmarkSettings, trainers: Sequence[str], records
     from nnunet_ext.benchmark.provenance import attach_segmentation_inputs
     from nnunet_ext.benchmark.runner import BenchmarkError, Run, _prepare_output, execute_run
 
-    measured = None
-    if settings.equal_time_costs is not None:
-        methods = [r["label"] for r in records if r["role"] == "method"]
-        measured = cost_ratios_from_results(settings.equal_time_costs, dataset.name, settings.configuration,
-                                            settings.plans, settings.device, settings.budget, methods)
-    plans = plan_equal_time_runs(records, settings.budget, measured)
+    plans = plan_equal_time_runs(records, settings.budget, measured_ratios)
     for plan in plans:
-        plan["cost_source"] = str(settings.equal_time_costs) if measured is not None else "these runs"
+        plan["cost_source"] = str(settings.equal_time_costs) if measured_ratios is not None else "these runs"
     for plan in plans:
         if plan["skipped"]:
             progress(f"equal time: {plan['method']} seed {plan['seed']}: not run, {plan['skipped']}")

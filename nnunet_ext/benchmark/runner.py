@@ -700,11 +700,13 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     if settings.equal_time and len(trainers) < 2:
         raise BenchmarkError("--equal-time trains stock nnUNetTrainer for as long as each method trained: name at "
                              "least one segmentation trainer besides nnUNetTrainer with --trainers")
-    if settings.equal_time_costs is not None:  # checked before any run starts
+    measured_cost_ratios = None
+    if settings.equal_time_costs is not None:  # read and checked once, before any run starts
         from nnunet_ext.benchmark.equal_time import cost_ratios_from_results
 
-        cost_ratios_from_results(settings.equal_time_costs, info.name, settings.configuration, settings.plans,
-                                 settings.device, settings.budget, [t for t in trainers if t != STOCK_TRAINER])
+        measured_cost_ratios = cost_ratios_from_results(
+            settings.equal_time_costs, info.name, settings.configuration, settings.plans, settings.device,
+            settings.budget, [t for t in trainers if t != STOCK_TRAINER])
     settings.output.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     plans_files = {info.name: ensure_plans(info, settings, env, progress)}
@@ -761,7 +763,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
 
         equal_time_records, equal_time_plans = run_equal_time(settings, trainers, records, info,
                                                               plans_files[info.name], env, train_env, progress,
-                                                              cross_validation)
+                                                              cross_validation, measured_cost_ratios)
         records += equal_time_records
 
     results = {
