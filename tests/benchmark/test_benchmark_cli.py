@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TEST_TRAINERS_DIR, console_script
+from helpers_cli import TEST_TRAINERS_DIR, console_script
 from helpers_nnunet import extract_fingerprint, make_tiny_dataset, set_nnunet_paths
 
 pytestmark = pytest.mark.slow

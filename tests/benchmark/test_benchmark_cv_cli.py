@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import console_script
+from helpers_cli import console_script
 from helpers_nnunet import extract_fingerprint, make_tiny_dataset, set_nnunet_paths
 
 pytestmark = pytest.mark.slow

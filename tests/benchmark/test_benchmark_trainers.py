@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_TRAINERS_DIR
+from helpers_cli import TEST_TRAINERS_DIR
 
 from nnunet_ext.benchmark.budget import (
     BUDGET_MODULE,

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import console_script
+from helpers_cli import console_script
 
 from nnunet_ext.benchmark.budget import budget_trainer_name, write_budget_trainers
 from nnunet_ext.benchmark.demo import SETTINGS_FILE, check_demo_inputs, DEMO_MODES

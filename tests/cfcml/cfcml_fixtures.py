@@ -1,7 +1,7 @@
 """Planned tiny 2D classification datasets shared by the CFCML integration tests (built once per session).
 
-Not a conftest: a second ``conftest`` module would shadow ``tests/conftest.py`` for the ``from conftest import``
-of test modules collected later. Test modules define their fixtures with :func:`writable_planned_root`.
+Not a conftest (a folder's own ``conftest.py`` would be one more module named ``conftest``): test modules define
+their fixtures with :func:`writable_planned_root`.
 """
 from __future__ import annotations
 

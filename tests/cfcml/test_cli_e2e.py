@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from cfcml_fixtures import planned_classification_root
-from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
+from helpers_cli import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from ciml_testing import configuration
 from ciml_testing import single_torch_thread  # noqa: F401
-from conftest import REPO_DIR
+from helpers_cli import REPO_DIR
 from helpers_nnunet import set_nnunet_paths
 
 from nnunet_ext.ciml.decomposition import resolve_settings

@@ -10,7 +10,7 @@ import math
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
+from helpers_cli import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 from helpers_nnunet import make_tiny_dataset
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nnunetv2
 import pytest
-from conftest import TEST_TRAINERS_DIR, console_script
+from helpers_cli import TEST_TRAINERS_DIR, console_script
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.cli import build_parser

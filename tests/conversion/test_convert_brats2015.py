@@ -9,7 +9,7 @@ import shlex
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BRATS2015_CONVERT_ARGS, BRATS2015_DS2, REPO_DIR
+from helpers_cli import BRATS2015_CONVERT_ARGS, BRATS2015_DS2, REPO_DIR
 
 pytestmark = pytest.mark.shared_data
 

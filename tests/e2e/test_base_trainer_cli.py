@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import (TEST_TRAINERS_DIR, console_script, predict_validation_cases_and_evaluate, run_cli,
+from helpers_cli import (TEST_TRAINERS_DIR, console_script, predict_validation_cases_and_evaluate, run_cli,
                       subprocess_env)
 from helpers_nnunet import make_tiny_dataset
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
+from helpers_cli import TEST_TRAINERS_DIR, console_script, run_cli, subprocess_env
 from helpers_nnunet import make_tiny_dataset, plan_and_preprocess, set_nnunet_paths
 
 pytestmark = pytest.mark.slow
