@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nnunet_ext.benchmark.runner import BenchmarkError
+from nnunet_ext.benchmark.datasets import BenchmarkError
 
 if TYPE_CHECKING:
-    from nnunet_ext.benchmark.runner import BenchmarkSettings, DatasetInfo, Run
+    from nnunet_ext.benchmark.datasets import DatasetInfo
+    from nnunet_ext.benchmark.runner import BenchmarkSettings, Run
 
 #: nnU-Net's seed for its automatic split (``nnUNetTrainer.do_split``)
 SPLIT_SEED = 12345

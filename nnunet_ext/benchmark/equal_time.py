@@ -35,7 +35,8 @@ from nnunet_ext.benchmark.budget import STOCK_TRAINER, Budget, budget_trainer_na
 
 if TYPE_CHECKING:  # the runner imports this module while it runs
     from nnunet_ext.benchmark.cross_validation import CrossValidation
-    from nnunet_ext.benchmark.runner import BenchmarkSettings, DatasetInfo, Progress, Run
+    from nnunet_ext.benchmark.datasets import DatasetInfo
+    from nnunet_ext.benchmark.runner import BenchmarkSettings, Progress, Run
 
 EQUAL_TIME_ROLE = "equal_time"
 
@@ -73,7 +74,7 @@ def cost_ratios_from_results(path: Path, dataset_name: str, configuration: str, 
     Raises:
         BenchmarkError: unreadable file, other settings, or a method (or stock) without a finished timed run.
     """
-    from nnunet_ext.benchmark.runner import BenchmarkError
+    from nnunet_ext.benchmark.datasets import BenchmarkError
     from nnunet_ext.errors import InputError
     from nnunet_ext.inputs import load_json_file
 

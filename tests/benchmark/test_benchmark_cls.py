@@ -13,21 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import console_script, run_cli, subprocess_env
+from helpers_cli import console_script, run_cli, subprocess_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cfcml"))  # the shared tiny CFCML dataset builder
 from cfcml_fixtures import planned_classification_root  # noqa: E402
 
 from nnunet_ext.benchmark.classification import (  # noqa: E402
     ClassificationBenchmarkSettings,
-    best_baseline,
     check_trainers,
-    paired_differences,
     resolve_budget,
     resolve_classification_dataset,
     run_classification_benchmark,
-    summarise,
 )
+from nnunet_ext.benchmark.classification_report import best_baseline, paired_differences, summarise  # noqa: E402
 from nnunet_ext.benchmark.runner import BenchmarkError  # noqa: E402
 
 DATASET = 801
@@ -331,7 +329,7 @@ def _report_results(runs: list[dict], trainers: list[str], baselines: list[str])
 def test_report_paired_statistics_over_folds_and_seeds(a_aucs, verdict):
     from scipy import stats
 
-    from nnunet_ext.benchmark.classification import format_report, paired_statistics
+    from nnunet_ext.benchmark.classification_report import format_report, paired_statistics
 
     pairs = [(f, s) for s in (0, 1) for f in (0, 1, 2)]
     runs = [_record("A", f, s, auc, bacc=0.6) for (f, s), auc in zip(pairs, a_aucs)]
@@ -350,7 +348,7 @@ def test_report_paired_statistics_over_folds_and_seeds(a_aucs, verdict):
 
 
 def test_report_one_fold_one_seed_is_an_observation():
-    from nnunet_ext.benchmark.classification import format_report
+    from nnunet_ext.benchmark.classification_report import format_report
 
     results = _report_results([_record("A", 0, 0, 0.9), _record("B", 0, 0, 0.8)], ["A", "B"], ["B"])
     assert "- **A**, macro AUC: one run (fold, seed): an observation, not a result." in format_report(results)
