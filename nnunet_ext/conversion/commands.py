@@ -36,6 +36,13 @@ def _add_labels(p: argparse.ArgumentParser) -> None:
                    help="change label values before writing, e.g. 255=1")
 
 
+def _add_regions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--regions", nargs="+", default=None, metavar="NAME=VALUES",
+                   help="region-based training (instead of --labels), e.g. 'whole tumour=1,2,3,4' 'tumour core=1,3,4' "
+                        "'enhancing tumour=4': the label files keep their values, dataset.json gets the regions and "
+                        "a derived regions_class_order")
+
+
 def _add_lists(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-lists", action="store_true",
                    help="ignore the source's split files and split at random (--test, --seed)")
@@ -80,11 +87,12 @@ def _run(args: argparse.Namespace, convert: Callable[[], Path]) -> int:
 
 def _cmd_folders(args: argparse.Namespace) -> int:
     from nnunet_ext.conversion.folders import convert_folders
+    from nnunet_ext.conversion.regions import parse_regions
 
     return _run(args, lambda: convert_folders(
         args.source, args.d, args.name, args.o, images_dir=args.images_dir, labels_dir=args.labels_dir,
         channel_name=args.channel_name, missing_label=args.missing_label, orphan_labels=args.orphan_labels,
-        **_label_kwargs(args), **_split_kwargs(args)))
+        regions=parse_regions(args.regions), **_label_kwargs(args), **_split_kwargs(args)))
 
 
 def _cmd_per_case(args: argparse.Namespace) -> int:
@@ -153,6 +161,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="image without label: unlabeled image (default) or error")
     p.add_argument("--orphan-labels", choices=("skip", "error"), default="skip",
                    help="label without image: skip with a warning (default) or error")
+    _add_regions(p)
     p.set_defaults(func=_cmd_folders)
 
     p = layouts.add_parser("per-case", help="<case>/<MODALITY>.nii.gz + <case>/<LABEL>.nii.gz (e.g. BraTS)",
@@ -166,10 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--channel-names", nargs="+", default=None, help="channel names (default: the modality names)")
     p.add_argument("--missing-label", choices=("unlabeled", "error"), default="unlabeled",
                    help="case without the label file: unlabeled image (default) or error")
-    p.add_argument("--regions", nargs="+", default=None, metavar="NAME=VALUES",
-                   help="region-based training (instead of --labels), e.g. 'whole tumour=1,2,3,4' 'tumour core=1,3,4' "
-                        "'enhancing tumour=4': the label files keep their values, dataset.json gets the regions and "
-                        "a derived regions_class_order")
+    _add_regions(p)
     p.set_defaults(func=_cmd_per_case)
 
     p = layouts.add_parser("h5", help="<case>/<file>.h5 with image/label (UA-MT/CAML Left Atrium)",

@@ -50,7 +50,8 @@ def convert_folders(source: str | Path, dataset_id: int, name: str, output: str 
                     labels: Mapping[str, int] | None = None, label_map: Mapping[int, int] | None = None,
                     labeled: str | None = None, test: str | None = None, seed: int = 0,
                     split_file: str | Path | None = None, missing_label: str = "unlabeled",
-                    orphan_labels: str = "skip", overwrite: bool = False) -> Path:
+                    orphan_labels: str = "skip", overwrite: bool = False,
+                    regions: Mapping[str, int | Sequence[int]] | None = None) -> Path:
     """Convert ``source/images/<case>.<ext>`` + ``source/labels/<case>.<ext>`` into ``Dataset<ID>_<name>``.
 
     Images without a label become unlabeled images (``imagesUnlabeled``) unless ``missing_label="error"``;
@@ -63,6 +64,8 @@ def convert_folders(source: str | Path, dataset_id: int, name: str, output: str 
         labels: label names -> values; default: inferred as ``label_<v>``. label_map: source -> output values.
         labeled, test, seed, split_file: the semi-supervised split (see :func:`~nnunet_ext.conversion.splits.
             make_split`).
+        regions: region name -> label values, instead of ``labels`` (nnU-Net's region-based training), as in
+            :func:`convert_per_case`.
 
     Returns:
         The dataset folder.
@@ -94,7 +97,7 @@ def convert_folders(source: str | Path, dataset_id: int, name: str, output: str 
         cases, raw_root=resolve_raw_root(output), dataset_id=dataset_id, name=name, channel_names=[channel_name],
         sources=[source], labels=labels, label_map=label_map, labeled=labeled, test=test, seed=seed,
         split_file=split_file, overwrite=overwrite, description=f"converted by nnunet-ext from {source}",
-        split_info={"converter": "folders", "labels_without_image": orphans})
+        split_info={"converter": "folders", "labels_without_image": orphans}, regions=regions)
 
 
 def _match_file(files: Mapping[str, Path], wanted: str) -> Path | None:

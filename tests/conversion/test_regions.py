@@ -3,6 +3,7 @@ export code), refusals with the region and what was expected, and ``convert per-
 from __future__ import annotations
 
 import itertools
+import shutil
 import json
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ext.conversion.common import ConversionError, ConversionWarning
-from nnunet_ext.conversion.folders import convert_per_case
+from nnunet_ext.conversion.folders import convert_folders, convert_per_case
 from nnunet_ext.conversion.regions import (
     RegionLabelConverter,
     painting_mismatches,
@@ -267,3 +268,33 @@ def test_cli_prints_a_region_error_without_traceback(region_source, tmp_path, ca
     assert code == 2 and "Traceback" not in output.err
     assert "--regions: region 'tc': label values must be integers separated by commas, got '2,x'" in output.err
     assert not (tmp_path / "raw").exists()
+
+
+def test_folders_writes_a_region_dataset_from_the_cli(region_source, tmp_path):
+    """``convert folders --regions``: images/<case> + labels/<case> (single channel), same region entries."""
+    from nnunet_ext.cli import main
+
+    source = tmp_path / "flat"
+    for case in ("case0", "case1", "case2"):
+        (source / "images").mkdir(parents=True, exist_ok=True)
+        (source / "labels").mkdir(parents=True, exist_ok=True)
+        shutil.copy(region_source / case / "M1.nii.gz", source / "images" / f"{case}.nii.gz")
+        shutil.copy(region_source / case / "seg.nii.gz", source / "labels" / f"{case}.nii.gz")
+    code = main(["convert", "folders", str(source), "-d", "8", "-n", "FlatRegions", "-o", str(tmp_path / "raw"),
+                 "--regions", "whole tumour=1,2,3", "tumour core=2,3", "enhancing=3", "--test", "1"])
+    assert code == 0
+    dataset_json = json.loads((tmp_path / "raw" / "Dataset008_FlatRegions" / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3],
+                                      "enhancing": 3}
+    assert dataset_json["regions_class_order"] == [1, 2, 3] and dataset_json["numTraining"] == 2
+
+
+def test_folders_region_refusal_names_the_file(region_source, tmp_path):
+    source = tmp_path / "flat"
+    (source / "images").mkdir(parents=True)
+    (source / "labels").mkdir(parents=True)
+    shutil.copy(region_source / "case0" / "M1.nii.gz", source / "images" / "case0.nii.gz")
+    shutil.copy(region_source / "case0" / "seg.nii.gz", source / "labels" / "case0.nii.gz")
+    with pytest.raises(ConversionError, match=r"case0.* label values \[3\] are in no region"):
+        convert_folders(source, 8, "FlatRegions", tmp_path / "raw", regions={"wt": [1, 2], "tc": [2]})
+    assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
