@@ -3,8 +3,8 @@ export code), refusals with the region and what was expected, and ``convert per-
 from __future__ import annotations
 
 import itertools
-import shutil
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -270,16 +270,21 @@ def test_cli_prints_a_region_error_without_traceback(region_source, tmp_path, ca
     assert not (tmp_path / "raw").exists()
 
 
+def _folders_layout(region_source: Path, target: Path, cases: tuple[str, ...]) -> Path:
+    """``convert folders``' layout (images/<case> + labels/<case>, first modality only) of ``region_source``'s cases."""
+    for sub in ("images", "labels"):
+        (target / sub).mkdir(parents=True)
+    for case in cases:
+        shutil.copy(region_source / case / "M1.nii.gz", target / "images" / f"{case}.nii.gz")
+        shutil.copy(region_source / case / "seg.nii.gz", target / "labels" / f"{case}.nii.gz")
+    return target
+
+
 def test_folders_writes_a_region_dataset_from_the_cli(region_source, tmp_path):
     """``convert folders --regions``: images/<case> + labels/<case> (single channel), same region entries."""
     from nnunet_ext.cli import main
 
-    source = tmp_path / "flat"
-    for case in ("case0", "case1", "case2"):
-        (source / "images").mkdir(parents=True, exist_ok=True)
-        (source / "labels").mkdir(parents=True, exist_ok=True)
-        shutil.copy(region_source / case / "M1.nii.gz", source / "images" / f"{case}.nii.gz")
-        shutil.copy(region_source / case / "seg.nii.gz", source / "labels" / f"{case}.nii.gz")
+    source = _folders_layout(region_source, tmp_path / "flat", ("case0", "case1", "case2"))
     code = main(["convert", "folders", str(source), "-d", "8", "-n", "FlatRegions", "-o", str(tmp_path / "raw"),
                  "--regions", "whole tumour=1,2,3", "tumour core=2,3", "enhancing=3", "--test", "1"])
     assert code == 0
@@ -290,11 +295,7 @@ def test_folders_writes_a_region_dataset_from_the_cli(region_source, tmp_path):
 
 
 def test_folders_region_refusal_names_the_file(region_source, tmp_path):
-    source = tmp_path / "flat"
-    (source / "images").mkdir(parents=True)
-    (source / "labels").mkdir(parents=True)
-    shutil.copy(region_source / "case0" / "M1.nii.gz", source / "images" / "case0.nii.gz")
-    shutil.copy(region_source / "case0" / "seg.nii.gz", source / "labels" / "case0.nii.gz")
+    source = _folders_layout(region_source, tmp_path / "flat", ("case0",))
     with pytest.raises(ConversionError, match=r"case0.* label values \[3\] are in no region"):
         convert_folders(source, 8, "FlatRegions", tmp_path / "raw", regions={"wt": [1, 2], "tc": [2]})
     assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
