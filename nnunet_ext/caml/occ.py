@@ -119,6 +119,10 @@ class OmniCorrelationConsistency:
         detach_targets: stop the gradient through C_a (official: not detached).
         heads_before_filter: apply the heads to all agreeing unlabeled voxels before the top-N_f selection (official;
             BatchNorm statistics over all agreeing voxels, expensive) instead of to the selected rows only.
+        memory_slots: None (official): one memory slot per labeled case, overwritten on each visit. An integer S:
+            one slot per labeled *sample*, the last S samples kept (oldest overwritten). Per-case slots suit 3D
+            patches, which hold thousands of voxels of every class; a 2D sample is one slice, so per-case slots
+            keep one slice per case and small classes rarely reach the N_m threshold (docs/caml.md).
         device: device of the memory bank.
 
     Raises:
@@ -128,7 +132,7 @@ class OmniCorrelationConsistency:
     def __init__(self, num_classes: int, feat_dim: int = 32, memory_per_class: int = 256, memory_cap: int = 4096,
                  num_filtered: int = 12800, temperature: float = 0.1, normalize: bool = False,
                  log_form: str = "eps", detach_targets: bool = False, heads_before_filter: bool = False,
-                 device: torch.device | str = "cpu"):
+                 memory_slots: int | None = None, device: torch.device | str = "cpu"):
         if memory_per_class < 1 or num_filtered < 1:
             raise ValueError(f"memory_per_class and num_filtered must be >= 1, got {memory_per_class}, {num_filtered}")
         if memory_cap < memory_per_class:
@@ -137,6 +141,10 @@ class OmniCorrelationConsistency:
             raise ValueError(f"unknown log form {log_form!r}; expected one of {OCC_LOG_FORMS}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if memory_slots is not None and (isinstance(memory_slots, bool) or not isinstance(memory_slots, int)
+                                         or memory_slots < 1):
+            raise ValueError(f"memory_slots must be None (one slot per labeled case) or an integer >= 1, "
+                             f"got {memory_slots!r}")
         self.num_classes = num_classes
         self.memory_per_class = memory_per_class
         self.num_filtered = num_filtered
@@ -145,17 +153,21 @@ class OmniCorrelationConsistency:
         self.log_form = log_form
         self.detach_targets = detach_targets
         self.heads_before_filter = heads_before_filter
+        self.memory_slots = memory_slots
+        self.samples_stored = 0  # labeled samples stored so far: the next ring slot with ``memory_slots``
         self.bank = LabeledFeatureMemoryBank(num_classes, feat_dim, memory_cap, device)
 
     @torch.no_grad()
     def update_memory(self, heads: CAMLHeads, embedding_v: torch.Tensor, embedding_a: torch.Tensor,
                       pred_v: torch.Tensor, pred_a: torch.Tensor, target: torch.Tensor, keys: list[str],
                       ignore_label: int | None = None) -> None:
-        """Store the correctly classified labeled voxels of each sample in its case's slot.
+        """Store the correctly classified labeled voxels of each sample in its case's slot (or, with
+        ``memory_slots``, in the next slot of the ring of the last ``memory_slots`` samples).
 
         The projection heads run in eval mode (running BatchNorm statistics, as officially) and are put back into
         their previous mode; their running statistics do not change. Voxels beyond ``memory_cap`` per class are
-        dropped uniformly at random before projecting. A case appearing twice in a batch keeps the later sample.
+        dropped uniformly at random before projecting. With per-case slots, a case appearing twice in a batch keeps
+        the later sample.
 
         Under DDP (a collective; every rank calls it every step) the entries of all ranks are gathered and stored
         in rank order, so every rank holds the bank one process would build from the concatenated batch (a case
@@ -212,7 +224,10 @@ class OmniCorrelationConsistency:
         if world_size() > 1:
             entries = self._gather_entries(entries, embedding_v.device)
         for key, rows, counts in entries:
+            if self.memory_slots is not None:  # after the gather, so every rank fills the same ring slots
+                key = f"sample slot {self.samples_stored % self.memory_slots}"
             self.bank.update_slot(key, rows, counts)
+            self.samples_stored += 1
 
     def _gather_entries(self, entries: list[tuple[str, list[torch.Tensor], list[int]]], device: torch.device
                         ) -> list[tuple[str, list[torch.Tensor], list[int]]]:
@@ -270,7 +285,8 @@ class OmniCorrelationConsistency:
         return OCCResult(loss, num_rows, num_memory_classes)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"memory_bank": self.bank.state_dict()}
+        return {"memory_bank": self.bank.state_dict(), "samples_stored": self.samples_stored}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bank.load_state_dict(state["memory_bank"])
+        self.samples_stored = int(state.get("samples_stored", 0))  # absent in checkpoints before memory_slots

@@ -16,9 +16,9 @@ from nnunet_ext.plans import merge_settings
 
 CAML_SETTING_NAMES = (
     "cma_stage", "cma_max_tokens", "cma_heads", "cma_ffn_mult", "cma_dropout", "cma_mode", "aux_upsampling",
-    "feat_dim", "memory_per_class", "memory_cap", "num_filtered", "occ_temperature", "occ_normalize",
-    "occ_log_form", "heads_before_filter", "sharpen_temperature", "detach_targets", "w_sup", "lambda_c", "lambda_o",
-    "rampup_fraction", "rampup_iterations", "rampup_quantum", "split_planned_batch",
+    "feat_dim", "memory_per_class", "memory_cap", "memory_slots", "num_filtered", "occ_temperature",
+    "occ_normalize", "occ_log_form", "heads_before_filter", "sharpen_temperature", "detach_targets", "w_sup",
+    "lambda_c", "lambda_o", "rampup_fraction", "rampup_iterations", "rampup_quantum", "split_planned_batch",
 )
 
 #: ``CAMLTrainer``'s class-attribute values (a test keeps them equal); used to validate plans blocks without importing
@@ -26,9 +26,10 @@ CAML_SETTING_NAMES = (
 CAML_DEFAULTS: dict[str, Any] = {
     "cma_stage": None, "cma_max_tokens": 4096, "cma_heads": 4, "cma_ffn_mult": 4, "cma_dropout": 0.5,
     "cma_mode": "intra+inter", "aux_upsampling": "interp", "feat_dim": 32, "memory_per_class": 256,
-    "memory_cap": 4096, "num_filtered": 12800, "occ_temperature": 0.1, "occ_normalize": False, "occ_log_form": "eps",
-    "heads_before_filter": False, "sharpen_temperature": 0.1, "detach_targets": False, "w_sup": 0.5,
-    "lambda_c": 1.0, "lambda_o": 0.05, "rampup_fraction": 0.4, "rampup_iterations": None, "rampup_quantum": 1,
+    "memory_cap": 4096, "memory_slots": None, "num_filtered": 12800, "occ_temperature": 0.1,
+    "occ_normalize": False, "occ_log_form": "eps", "heads_before_filter": False, "sharpen_temperature": 0.1,
+    "detach_targets": False, "w_sup": 0.5, "lambda_c": 1.0, "lambda_o": 0.05, "rampup_fraction": 0.4,
+    "rampup_iterations": None, "rampup_quantum": 1,
     "split_planned_batch": False,
 }
 
@@ -73,6 +74,9 @@ def validate_caml_settings(settings: Mapping[str, Any], where: str) -> None:
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, (int, float))
                                    or iterations < 0):
         raise bad("rampup_iterations", "null or a number >= 0")
+    slots = settings["memory_slots"]
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise bad("memory_slots", "null (one slot per labeled case) or an integer >= 1")
     if settings["memory_cap"] < settings["memory_per_class"]:
         raise bad("memory_cap", f"an integer >= memory_per_class ({settings['memory_per_class']})")
 

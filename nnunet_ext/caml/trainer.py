@@ -51,6 +51,8 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
         feat_dim: head feature dimension (official 32).
         memory_per_class: N_m memory rows per class (official 256).
         memory_cap: stored rows per (case, class) (official unbounded; capped here, count-weighted sampling).
+        memory_slots: None = one memory slot per labeled case (official); an integer S = the last S labeled
+            samples, one slot each (2D: a sample is one slice; see ``OmniCorrelationConsistency``).
         num_filtered: N_f unlabeled rows per class (official 12,800).
         occ_temperature: tau of the correlation softmax (official 0.1).
         occ_normalize: cosine instead of raw dot-product similarity (official False).
@@ -86,6 +88,7 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
     feat_dim = 32
     memory_per_class = 256
     memory_cap = 4096
+    memory_slots = None
     num_filtered = 12800
     occ_temperature = 0.1
     occ_normalize = False
@@ -130,7 +133,7 @@ class CAMLTrainerBase(ExtSemiSupervisedTrainerBase):
         self.occ = OmniCorrelationConsistency(
             self.label_manager.num_segmentation_heads, self.feat_dim, self.memory_per_class, self.memory_cap,
             self.num_filtered, self.occ_temperature, self.occ_normalize, self.occ_log_form, self.detach_targets,
-            self.heads_before_filter, device=self.device)
+            self.heads_before_filter, self.memory_slots, device=self.device)
         if world_size() > 1:
             self.memory_generator = torch.Generator(device=self.device).manual_seed(broadcast_seed())
 

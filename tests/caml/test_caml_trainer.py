@@ -239,9 +239,11 @@ def test_defaults_documented_as_class_attributes_match_the_settings_table():
 
 def test_plans_block_overrides_class_attributes(make_trainer, planned):
     plans = json.loads((planned / "nnUNet_preprocessed" / FOLDER / f"{PLANS}.json").read_text())
-    derived = derive_plans(plans, "nnUNetCPUPlans_caml", {"memory_per_class": 4, "cma_mode": "inter"}, "")
+    derived = derive_plans(plans, "nnUNetCPUPlans_caml", {"memory_per_class": 4, "cma_mode": "inter",
+                                                          "memory_slots": 5}, "")
     trainer = make_trainer(_FixedUnlabeled, plans_override=derived)
     assert trainer.memory_per_class == 4 and trainer.occ.memory_per_class == 4
+    assert trainer.memory_slots == 5 and trainer.occ.memory_slots == 5
     assert trainer.extra_modules["net_a"].cma.intra is None
     assert derived["plans_name"] == "nnUNetCPUPlans_caml"
     with pytest.raises(KeyError, match="memory_per_clas"):
@@ -250,6 +252,8 @@ def test_plans_block_overrides_class_attributes(make_trainer, planned):
         derive_plans(plans, "x", {"occ_log_form": "log"}, "")
     with pytest.raises(ValueError, match="memory_cap"):
         derive_plans(plans, "x", {"memory_cap": 8, "memory_per_class": 16}, "")
+    with pytest.raises(ValueError, match="memory_slots"):
+        derive_plans(plans, "x", {"memory_slots": 0}, "")
     bad = copy.deepcopy(plans)
     bad["nnunet_ext"] = {"version": 1, "caml": {"lambda_o": -1}}
     with pytest.raises(ValueError, match="lambda_o"):

@@ -106,6 +106,32 @@ def test_duplicate_case_in_a_batch_keeps_the_later_sample():
     assert occ.bank.counts["same"] == [int((target[1] == c).sum()) for c in range(3)]
 
 
+def test_memory_slots_keep_the_last_samples_in_a_ring():
+    # 2D: a sample is one slice; per-case slots would keep one slice per case (the test above), a ring keeps the
+    # last ``memory_slots`` samples whatever their case
+    occ = OmniCorrelationConsistency(num_classes=3, feat_dim=4, memory_per_class=2, memory_cap=100, memory_slots=3)
+    heads = CAMLHeads(8, 4)
+    emb_v, emb_a, target = _labeled()
+    occ.update_memory(heads, emb_v, emb_a, target, target, target, ["same", "same"])
+    assert len(occ.bank) == 2 and occ.samples_stored == 2
+    occ.update_memory(heads, emb_v.flip(0), emb_a.flip(0), target.flip(0), target.flip(0), target.flip(0),
+                      ["same", "same"])
+    assert len(occ.bank) == 3 and occ.samples_stored == 4
+    # slot 0 was overwritten by the 4th sample (= target[0] again), slots 1 and 2 hold target[1], target[1]
+    expected = [[int((target[i] == c).sum()) for c in range(3)] for i in (0, 1, 1)]
+    assert [occ.bank.counts[f"sample slot {k}"] for k in range(3)] == expected
+    other = OmniCorrelationConsistency(num_classes=3, feat_dim=4, memory_per_class=2, memory_cap=100,
+                                       memory_slots=3)
+    other.load_state_dict(occ.state_dict())
+    assert other.samples_stored == 4 and other.bank.counts == occ.bank.counts
+
+
+@pytest.mark.parametrize("slots", [0, -1, 2.5, True, "8"])
+def test_memory_slots_must_be_none_or_a_positive_integer(slots):
+    with pytest.raises(ValueError, match="memory_slots"):
+        OmniCorrelationConsistency(3, memory_slots=slots)
+
+
 def test_memory_update_bad_arguments():
     occ = OmniCorrelationConsistency(num_classes=3, feat_dim=4, memory_per_class=2, memory_cap=4)
     emb_v, emb_a, target = _labeled()
