@@ -28,7 +28,7 @@ CAML_DEFAULTS: dict[str, Any] = {
     "cma_mode": "intra+inter", "aux_upsampling": "interp", "feat_dim": 32, "memory_per_class": 256,
     "memory_cap": 4096, "memory_slots": None, "num_filtered": 12800, "occ_temperature": 0.1,
     "occ_normalize": False, "occ_log_form": "eps", "heads_before_filter": False, "sharpen_temperature": 0.1,
-    "detach_targets": False, "w_sup": 0.5, "lambda_c": 1.0, "lambda_o": 0.05, "rampup_fraction": 0.4,
+    "detach_targets": False, "w_sup": 1.0, "lambda_c": 1.0, "lambda_o": 0.05, "rampup_fraction": 0.4,
     "rampup_iterations": None, "rampup_quantum": 1,
     "split_planned_batch": False,
 }

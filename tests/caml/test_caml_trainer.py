@@ -302,3 +302,4 @@ def test_paper_recipe_variant(make_trainer):
     assert isinstance(batch["target"], torch.Tensor)  # no deep supervision
     assert math.isfinite(float(trainer.train_step(batch)["loss"]))
     assert trainer.rampup_length() == 6000 and trainer.rampup_quantum == 150
+    assert trainer.w_sup == 0.5 and CAMLTrainer.w_sup == 1.0  # official weight here; stock's weight by default
